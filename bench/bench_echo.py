@@ -1,0 +1,610 @@
+"""Echo benchmark: mpnet (one worker running bench/echo_raw.py) against a raw uvloop server.
+
+Run by hand (not in CI), after ``bench/build.sh``::
+
+    python bench/bench_echo.py [--rounds 5] [--seconds 5] [--connections 50]
+
+For every round, and for every server kind in an order that rotates from round to round, it starts
+a fresh server, waits for its port, runs a short warm-up, then two measured loads with
+``bench/loadgen``:
+
+* echo:    N connections doing ping-pong with S-byte messages (messages per second, p50/p99);
+* connect: M concurrent loops of connect, one message, verified reply, close.
+
+Over each load window it samples the CPU time (user + system) of the server's whole process tree
+(the root process and all its descendants), so the result does not depend on how much CPU the
+noisy machine happened to leave over: *messages per server CPU-second* is the figure to compare.
+The headline is the ratio mpnet / baseline of that figure, the median of the per-round ratios.
+
+Every error that loadgen counts is printed; if there is any, a banner says so and the exit status
+is 1.  Every process this script starts is stopped by PID in ``finally`` blocks, Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import psutil
+
+BENCH_DIR = Path(__file__).resolve().parent
+LOADGEN = BENCH_DIR / "loadgen"
+ECHO_RAW = BENCH_DIR / "echo_raw.py"
+BASELINE = BENCH_DIR / "baseline_echo.py"
+
+ERROR_KINDS = ("refused", "reset", "timeout", "truncated", "mismatch", "other")
+TESTS = ("echo", "connect")
+
+
+# -- small helpers ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago (bind to 0, read it, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_accepts(port: int) -> bool:
+    """Whether a TCP connection to 127.0.0.1:port succeeds right now."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    """The last lines of a log file, for error messages."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def median(values: list[float]) -> float:
+    """Median of a list, NaN when empty."""
+    return statistics.median(values) if values else float("nan")
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back while cleaning up; they are delivered afterwards."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class Interrupted(Exception):
+    """Raised from the SIGTERM handler so that the ``finally`` blocks run."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(f"signal {signum}")
+
+
+# -- process tree CPU accounting -----------------------------------------------------------------
+
+
+@dataclass
+class TreeSample:
+    """CPU seconds (user + system) of every process in a tree at one moment."""
+
+    cpu: dict[tuple[int, float], float]  # (pid, create_time) -> seconds
+    names: dict[tuple[int, float], str]
+    root: tuple[int, float]
+
+    @property
+    def total(self) -> float:
+        return sum(self.cpu.values())
+
+
+def sample_tree(root: psutil.Process) -> TreeSample:
+    """Sum up user+sys CPU time of root and all its recursive children.
+
+    Processes are keyed by (pid, create_time) so a PID reused within the window is noticed.
+    Children that exit while we look are skipped; the caller sees the tree changed.
+    """
+    cpu: dict[tuple[int, float], float] = {}
+    names: dict[tuple[int, float], str] = {}
+    procs = [root, *root.children(recursive=True)]
+    for proc in procs:
+        try:
+            with proc.oneshot():
+                key = (proc.pid, proc.create_time())
+                times = proc.cpu_times()
+                cpu[key] = times.user + times.system
+                names[key] = " ".join(proc.cmdline()[:3]) or proc.name()
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            if proc is root:
+                raise
+    return TreeSample(cpu, names, (root.pid, root.create_time()))
+
+
+# -- servers ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """A server subprocess (and its process tree) that this script started."""
+
+    kind: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+    known: set[tuple[int, float]] = field(default_factory=set)  # every (pid, ctime) ever seen
+
+    @property
+    def ps(self) -> psutil.Process:
+        return psutil.Process(self.proc.pid)
+
+    def remember_tree(self) -> None:
+        """Note every process currently in the tree, so stop() can reap leftovers by PID."""
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root = self.ps
+            for proc in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    self.known.add((proc.pid, proc.create_time()))
+
+    def stop(self, timeout: float = 15.0) -> float:
+        """SIGTERM the root, wait, SIGKILL if needed, then kill any descendant left behind.
+
+        Returns how long the root took to exit after SIGTERM.  Ctrl-C is held back meanwhile,
+        so that an impatient second Ctrl-C cannot leave processes behind.
+        """
+        with signals_deferred():
+            return self._stop(timeout)
+
+    def _stop(self, timeout: float) -> float:
+        self.remember_tree()
+        start = time.monotonic()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                print(f"  ! {self.kind}: pid {self.proc.pid} ignored SIGTERM, sending SIGKILL")
+                self.proc.kill()
+                self.proc.wait()
+        took = time.monotonic() - start
+        # Descendants (mpnet workers) should be gone with their master; make sure of it.
+        deadline = time.monotonic() + 5.0
+        for pid, ctime in sorted(self.known):
+            if pid == self.proc.pid:
+                continue
+            try:
+                proc = psutil.Process(pid)
+                if proc.create_time() != ctime:
+                    continue  # the PID now belongs to someone else
+                remaining = max(0.1, deadline - time.monotonic())
+                try:
+                    proc.wait(remaining)
+                except psutil.TimeoutExpired:
+                    print(f"  ! {self.kind}: child pid {pid} outlived its parent, killing it")
+                    proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        return took
+
+
+def wait_for_port(server: Server, deadline_s: float) -> None:
+    """Wait until the server accepts connections; fail early if it exits."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(
+                f"{server.kind} exited with status {server.proc.returncode} before listening "
+                f"on port {server.port}; its log ends with:\n{tail(server.log)}"
+            )
+        if port_accepts(server.port):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(
+        f"{server.kind} did not accept connections on port {server.port} within {deadline_s} s; "
+        f"its log ends with:\n{tail(server.log)}"
+    )
+
+
+def start_server(kind: str, workdir: Path, args: argparse.Namespace) -> Server:
+    """Start one server of the given kind on a fresh port and wait until it listens."""
+    port = free_port()
+    log = workdir / f"{kind}-{port}.log"
+    if kind == "mpnet":
+        config = workdir / f"mpnet-{port}.toml"
+        config.write_text(
+            "workers = 1\n"
+            f"modules = [{json.dumps(str(ECHO_RAW))}]\n"
+            'interfaces = ["127.0.0.1"]\n'
+            f"echo_raw_ports = [{port}]\n"
+        )
+        cmd = [*args.mpnet_cmd, "serve", "-c", str(config), "--workers", "1"]
+    else:
+        loop = "uvloop" if kind == "uvloop" else "asyncio"
+        cmd = [sys.executable, str(BASELINE), str(port), "--loop", loop]
+    with log.open("wb") as logf:
+        # A session of its own: Ctrl-C reaches only this script, which then stops the server
+        # in order instead of racing it.
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True
+        )
+    server = Server(kind, port, proc, log)
+    try:
+        wait_for_port(server, args.start_timeout)
+    except BaseException:
+        server.stop()
+        raise
+    server.remember_tree()
+    return server
+
+
+# -- load runs ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One measured load window against one server."""
+
+    kind: str
+    round: int
+    test: str
+    result: dict[str, Any]  # loadgen's JSON
+    server_cpu: float  # seconds, whole tree
+    cpu_by_process: dict[str, float]
+    wall: float
+    loadgen_cpu: float
+    tree_changed: str | None
+
+    @property
+    def messages(self) -> int:
+        return int(self.result["messages"])
+
+    @property
+    def errors(self) -> dict[str, int]:
+        return {k: int(self.result["errors"].get(k, 0)) for k in ERROR_KINDS}
+
+    @property
+    def per_cpu(self) -> float:
+        return self.messages / self.server_cpu if self.server_cpu > 0 else float("nan")
+
+
+def run_loadgen(cmd: list[str], timeout: float) -> dict[str, Any]:
+    """Run loadgen to completion and return its JSON result; kill it if anything goes wrong."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(f"loadgen failed ({proc.returncode}): {err.decode(errors='replace')}")
+    return json.loads(out)
+
+
+def loadgen_cmd(test: str, port: int, seconds: float, args: argparse.Namespace) -> list[str]:
+    """The loadgen command line for one test."""
+    conns = args.connections if test == "echo" else args.connect_concurrency
+    return [
+        str(args.loadgen),
+        test,
+        "-p",
+        str(port),
+        "-c",
+        str(conns),
+        "-s",
+        str(args.size),
+        "-d",
+        str(seconds),
+    ]
+
+
+def measure(server: Server, test: str, rnd: int, args: argparse.Namespace) -> Run:
+    """Run one load window and account the server tree's CPU over it."""
+    root = server.ps
+    cmd = loadgen_cmd(test, server.port, args.seconds, args)
+    before = sample_tree(root)
+    lg_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.monotonic()
+    result = run_loadgen(cmd, args.seconds + 60)
+    wall = time.monotonic() - t0
+    lg_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    after = sample_tree(root)
+
+    changed = None
+    if set(before.cpu) != set(after.cpu):
+        gone = sorted(pid for pid, _ in set(before.cpu) - set(after.cpu))
+        new = sorted(pid for pid, _ in set(after.cpu) - set(before.cpu))
+        changed = f"process tree changed during the window (gone: {gone}, new: {new})"
+    by_process = {
+        f"{after.names[key]} [{key[0]}]": after.cpu[key] - before.cpu.get(key, 0.0)
+        for key in after.cpu
+    }
+    # Only processes present at both ends are summed; a change is flagged above.
+    cpu = sum(after.cpu[k] - before.cpu[k] for k in after.cpu if k in before.cpu)
+    lg_cpu = (lg_after.ru_utime - lg_before.ru_utime) + (lg_after.ru_stime - lg_before.ru_stime)
+    server.remember_tree()
+    return Run(server.kind, rnd, test, result, cpu, by_process, wall, lg_cpu, changed)
+
+
+def warm_up(server: Server, args: argparse.Namespace) -> dict[str, int]:
+    """A short unmeasured echo load so that both servers start the window warm."""
+    if args.warmup <= 0:
+        return {}
+    result = run_loadgen(loadgen_cmd("echo", server.port, args.warmup, args), args.warmup + 60)
+    return {k: int(v) for k, v in result["errors"].items() if v}
+
+
+# -- reporting ----------------------------------------------------------------------------------
+
+
+def fmt_errors(errors: dict[str, int]) -> str:
+    """'-' for none, else 'kind=N ...' for the nonzero kinds."""
+    nonzero = [f"{k}={v}" for k, v in errors.items() if v]
+    return " ".join(nonzero) if nonzero else "-"
+
+
+def print_run(run: Run) -> None:
+    """One line per measured window, printed as soon as it is done."""
+    r = run.result
+    unit = "msg/s" if run.test == "echo" else "conn/s"
+    errors = fmt_errors(run.errors)
+    flag = "  <<< ERRORS" if errors != "-" else ""
+    print(
+        f"  round {run.round} {run.kind:<7} {run.test:<7} {r['rate_per_s']:>9.0f} {unit:<6} "
+        f"p50 {r['p50_us']:>6} us  p99 {r['p99_us']:>6} us  "
+        f"server CPU {run.server_cpu:6.2f} s ({100 * run.server_cpu / run.wall:3.0f}%)  "
+        f"{run.per_cpu:>8.0f} per CPU-s  loadgen CPU {run.loadgen_cpu:5.2f} s  "
+        f"errors: {errors}{flag}"
+    )
+    if run.kind == "mpnet":
+        parts = ", ".join(f"{name}: {cpu:.2f} s" for name, cpu in run.cpu_by_process.items())
+        print(f"      mpnet CPU by process: {parts}")
+    if run.tree_changed:
+        print(f"      !!! {run.kind}: {run.tree_changed}")
+
+
+def summarize(runs: list[Run], kinds: list[str], args: argparse.Namespace) -> None:
+    """Per kind and test: medians over rounds; then the mpnet/baseline ratios."""
+    print()
+    print("=" * 100)
+    print(
+        f"Summary: medians over {max(r.round for r in runs)} round(s); "
+        f"echo = {args.connections} connections x "
+        f"{args.size}-byte messages, connect = {args.connect_concurrency} concurrent loops, "
+        f"{args.seconds} s windows"
+    )
+    print("=" * 100)
+    header = (
+        f"{'test':<8}{'kind':<9}{'rate/s':>10}{'p50 us':>9}{'p99 us':>9}"
+        f"{'srv CPU s':>11}{'per CPU-s':>12}{'errors':>8}"
+    )
+    print(header)
+    for test in TESTS:
+        for kind in kinds:
+            sel = [r for r in runs if r.kind == kind and r.test == test]
+            if not sel:
+                continue
+            errs = sum(sum(r.errors.values()) for r in sel)
+            print(
+                f"{test:<8}{kind:<9}"
+                f"{median([r.result['rate_per_s'] for r in sel]):>10.0f}"
+                f"{median([r.result['p50_us'] for r in sel]):>9.0f}"
+                f"{median([r.result['p99_us'] for r in sel]):>9.0f}"
+                f"{median([r.server_cpu for r in sel]):>11.2f}"
+                f"{median([r.per_cpu for r in sel]):>12.0f}"
+                f"{errs:>8}"
+            )
+    if "mpnet" not in kinds:
+        return
+    print()
+    print("Ratios mpnet / baseline (median of the per-round ratios, [min .. max]):")
+    for base in (k for k in kinds if k != "mpnet"):
+        for test in TESTS:
+            per_cpu: list[float] = []
+            rate: list[float] = []
+            for rnd in range(1, args.rounds + 1):
+                m = [r for r in runs if r.kind == "mpnet" and r.test == test and r.round == rnd]
+                b = [r for r in runs if r.kind == base and r.test == test and r.round == rnd]
+                if m and b and b[0].per_cpu > 0 and b[0].result["rate_per_s"] > 0:
+                    per_cpu.append(m[0].per_cpu / b[0].per_cpu)
+                    rate.append(m[0].result["rate_per_s"] / b[0].result["rate_per_s"])
+            if not per_cpu:
+                continue
+            print(
+                f"  {test:<8} vs {base:<8} per CPU-second: {median(per_cpu):5.3f} "
+                f"[{min(per_cpu):.3f} .. {max(per_cpu):.3f}]   "
+                f"raw rate: {median(rate):5.3f} [{min(rate):.3f} .. {max(rate):.3f}]"
+            )
+
+
+def report_errors(runs: list[Run], warmup_errors: list[tuple[str, int, dict[str, int]]]) -> bool:
+    """Print a prominent banner listing every error; return True if there was any."""
+    lines = [
+        f"  round {r.round} {r.kind} {r.test}: {fmt_errors(r.errors)}"
+        + (f" (last 'other': {r.result.get('other_last')})" if r.errors["other"] else "")
+        for r in runs
+        if any(r.errors.values())
+    ]
+    lines += [
+        f"  round {rnd} {kind} warm-up: {fmt_errors(errs)}" for kind, rnd, errs in warmup_errors
+    ]
+    lines += [
+        f"  round {r.round} {r.kind} {r.test}: {r.tree_changed}" for r in runs if r.tree_changed
+    ]
+    print()
+    if not lines:
+        print("No errors: every reply arrived complete and byte-exact.")
+        return False
+    print("!" * 100)
+    print("!!! ERRORS (loadgen error counts, or server process trees that changed under load):")
+    for line in lines:
+        print(line)
+    print("!" * 100)
+    return True
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    p.add_argument("--seconds", type=float, default=5.0, help="length of each window (default 5)")
+    p.add_argument("--connections", type=int, default=50, help="echo test connections (default 50)")
+    p.add_argument(
+        "--connect-concurrency",
+        type=int,
+        default=20,
+        help="concurrent loops in the connect test (default 20)",
+    )
+    p.add_argument("--size", type=int, default=64, help="message size in bytes (default 64)")
+    p.add_argument(
+        "--warmup", type=float, default=1.0, help="unmeasured echo seconds per server (default 1)"
+    )
+    p.add_argument(
+        "--loop",
+        choices=("uvloop", "asyncio", "both"),
+        default="uvloop",
+        help="event loop of the baseline server; 'asyncio' or 'both' add the stdlib loop "
+        "for reference (default uvloop)",
+    )
+    p.add_argument("--no-mpnet", action="store_true", help="measure the baseline(s) only")
+    p.add_argument(
+        "--mpnet-cmd",
+        default=None,
+        help="command that runs the mpnet CLI (default: the 'mpnet' script next to this Python, "
+        "else on PATH)",
+    )
+    p.add_argument("--loadgen", type=Path, default=LOADGEN, help="path of the loadgen binary")
+    p.add_argument(
+        "--start-timeout", type=float, default=30.0, help="seconds to wait for a server's port"
+    )
+    p.add_argument("--json", type=Path, help="also write every run's raw figures to this file")
+    args = p.parse_args(argv)
+    if args.rounds < 1 or args.seconds <= 0 or args.connections < 1 or args.size < 1:
+        p.error("--rounds, --seconds, --connections and --size must be positive")
+    if not args.loadgen.exists():
+        p.error(f"{args.loadgen} not found: run bench/build.sh first")
+    if args.mpnet_cmd:
+        args.mpnet_cmd = args.mpnet_cmd.split()
+    else:
+        beside = Path(sys.executable).with_name("mpnet")
+        found = str(beside) if beside.exists() else shutil.which("mpnet")
+        args.mpnet_cmd = [found] if found else [sys.executable, "-m", "mpnet"]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the interleaved rounds and print the report."""
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    kinds = [] if args.no_mpnet else ["mpnet"]
+    kinds += {"uvloop": ["uvloop"], "asyncio": ["asyncio"], "both": ["uvloop", "asyncio"]}[
+        args.loop
+    ]
+    print(
+        f"bench_echo: kinds {kinds}, {args.rounds} round(s), {args.seconds} s windows, "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}, "
+        f"{os.cpu_count()} CPUs"
+    )
+    if "mpnet" in kinds:
+        print(f"mpnet command: {' '.join(args.mpnet_cmd)}")
+
+    runs: list[Run] = []
+    warmup_errors: list[tuple[str, int, dict[str, int]]] = []
+    slow_stops: list[str] = []
+    interrupted = False
+    failure = None
+    with tempfile.TemporaryDirectory(prefix="mpnet-bench-") as tmp:
+        workdir = Path(tmp)
+        try:
+            for rnd in range(1, args.rounds + 1):
+                # Rotate the order so that no kind always runs first (or right after another).
+                order = kinds[(rnd - 1) % len(kinds) :] + kinds[: (rnd - 1) % len(kinds)]
+                print(f"round {rnd}/{args.rounds}: {' -> '.join(order)}")
+                for kind in order:
+                    server = start_server(kind, workdir, args)
+                    try:
+                        errs = warm_up(server, args)
+                        if errs:
+                            warmup_errors.append((kind, rnd, errs))
+                            print(f"  ! {kind} warm-up errors: {fmt_errors(errs)}")
+                        for test in TESTS:
+                            run = measure(server, test, rnd, args)
+                            runs.append(run)
+                            print_run(run)
+                    finally:
+                        took = server.stop()
+                        if took > 5:
+                            slow_stops.append(f"{kind} took {took:.1f} s to stop after SIGTERM")
+                        if server.proc.returncode not in (0, -signal.SIGTERM):
+                            print(
+                                f"  ! {kind} exited with status {server.proc.returncode}; "
+                                f"log ends with:\n{tail(server.log)}"
+                            )
+        except (KeyboardInterrupt, Interrupted):
+            interrupted = True
+            print("\ninterrupted: servers stopped; partial results follow")
+        except (RuntimeError, psutil.Error, OSError, ValueError) as exc:
+            failure = f"{type(exc).__name__}: {exc}"
+            print(f"\n!!! benchmark aborted: {failure}")
+
+    if not runs:
+        return 130 if interrupted else 1 if failure is None else 2
+    summarize(runs, kinds, args)
+    for line in slow_stops:
+        print(f"note: {line}")
+    had_errors = report_errors(runs, warmup_errors)
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                [
+                    {
+                        "kind": r.kind,
+                        "round": r.round,
+                        "test": r.test,
+                        "loadgen": r.result,
+                        "server_cpu_s": r.server_cpu,
+                        "cpu_by_process": r.cpu_by_process,
+                        "wall_s": r.wall,
+                        "loadgen_cpu_s": r.loadgen_cpu,
+                        "per_cpu_s": r.per_cpu,
+                        "tree_changed": r.tree_changed,
+                    }
+                    for r in runs
+                ],
+                indent=1,
+            )
+        )
+    if failure:
+        print(f"!!! the benchmark did not finish: {failure}")
+        return 2
+    if interrupted:
+        return 130
+    return 1 if had_errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Logging: one line per event on stderr (or ``log_file``), tagged with the process role.
+
+A line reads ``2026-11-26 10:00:00,123 worker 1 [echo] info: Connection closed: no error``: the
+role (``master``, ``worker N``, ``checker``) says which process wrote it, the bracket names the
+service module (or ``mpnet`` for the framework itself).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TextIO
+
+_role = "master"
+_LEVEL_NAMES = {
+    logging.DEBUG: "debug",
+    logging.INFO: "info",
+    logging.WARNING: "warn",
+    logging.ERROR: "error",
+    logging.CRITICAL: "error",
+}
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING}
+LEVELS.update({"warning": logging.WARNING, "error": logging.ERROR})
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        name = record.name
+        source = name[len("mpnet.module.") :] if name.startswith("mpnet.module.") else "mpnet"
+        message = record.getMessage()
+        line = (
+            f"{self.formatTime(record)} {_role} [{source}] "
+            f"{_LEVEL_NAMES.get(record.levelno, 'info')}: {message}"
+        )
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+_handler: logging.Handler | None = None
+_log_file: str | None = None
+
+
+def setup(level: str = "info", log_file: str | None = None, role: str | None = None) -> None:
+    """Configure the ``mpnet`` logger tree; safe to call again (e.g. after a reload)."""
+    global _handler, _log_file
+    if role is not None:
+        set_role(role)
+    root = logging.getLogger("mpnet")
+    root.setLevel(LEVELS.get(level, logging.INFO))
+    root.propagate = False
+    if _handler is None or log_file != _log_file:
+        new = _open_handler(log_file)
+        if _handler is not None:
+            root.removeHandler(_handler)
+            _handler.close()
+        _handler, _log_file = new, log_file
+        root.addHandler(new)
+
+
+def _open_handler(log_file: str | None) -> logging.Handler:
+    stream: TextIO
+    if log_file:
+        handler: logging.Handler = logging.FileHandler(log_file, encoding="utf-8")
+    else:
+        stream = sys.stderr
+        handler = logging.StreamHandler(stream)
+    handler.setFormatter(_Formatter())
+    return handler
+
+
+def reopen() -> None:
+    """Reopen the log file (after logrotate moved it away: SIGUSR1)."""
+    if isinstance(_handler, logging.FileHandler):
+        _handler.acquire()
+        try:
+            _handler.close()
+            _handler.stream = _handler._open()
+        finally:
+            _handler.release()
+
+
+def set_role(role: str) -> None:
+    global _role
+    _role = role

@@ -1,0 +1,290 @@
+"""Service modules: the ``module`` object a module sees, and the loader that runs module files.
+
+A service module is a Python file executed with a ``module`` global already in its namespace, as
+Prosody does for Lua modules. Loading happens only in worker processes and in throwaway checker
+processes, never in the master.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+import sys
+import traceback
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import Config
+
+if TYPE_CHECKING:
+    from .shared import SharedState, SharedTable
+
+CALLBACK_NAMES = (
+    "onconnect",
+    "onincoming",
+    "ondisconnect",
+    "ondrain",
+    "onreadtimeout",
+    "onstarttls",
+)
+PROVIDER_FIELDS = frozenset(
+    {"name", "listener", "default_port", "default_ports", "encryption", "multiplex"}
+)
+SERVICE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)*$")
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "workers"
+
+
+def bundled_dir() -> Path:
+    """Where the bundled service modules live (the source tree's ``workers/`` or, installed,
+    the ``mpnet.bundled`` package that setuptools maps it to)."""
+    if BUNDLED_DIR.is_dir():
+        return BUNDLED_DIR
+    from . import bundled  # type: ignore[attr-defined]
+
+    return Path(next(iter(bundled.__path__)))
+
+
+class ModuleError(Exception):
+    """A module that cannot be found, does not load, or declares something invalid."""
+
+
+@dataclass
+class Provider:
+    """One ``module.provides("net", ...)`` declaration."""
+
+    name: str
+    module: Module
+    listener: Any
+    default_ports: list[int]
+    callbacks: dict[str, Callable[..., Any]]
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        """Plain data about this provider, as the checker reports it to the master."""
+        return {
+            "name": self.name,
+            "module": self.module.name,
+            "default_ports": list(self.default_ports),
+            "encryption": self.options.get("encryption"),
+        }
+
+
+def listener_callbacks(listener: Any, where: str) -> dict[str, Callable[..., Any]]:
+    """The ``on*`` callbacks a listener offers. A listener is any object (class, instance,
+    namespace) or a dict; missing callbacks are skipped, non-callable ones are an error."""
+    found: dict[str, Callable[..., Any]] = {}
+    for name in CALLBACK_NAMES:
+        if isinstance(listener, dict):
+            callback = listener.get(name)
+        else:
+            callback = getattr(listener, name, None)
+        if callback is None:
+            continue
+        if not callable(callback):
+            raise ModuleError(f"{where}: listener.{name} is not callable")
+        found[name] = callback
+    if not found:
+        raise ModuleError(
+            f"{where}: listener has none of the callbacks {', '.join(CALLBACK_NAMES)}"
+        )
+    return found
+
+
+class Module:
+    """The API a service module sees as ``module`` (Prosody's ``module:``).
+
+    Type hint for editors: ``from mpnet import Module`` and ``module: Module``.
+    """
+
+    def __init__(self, name: str, path: Path, config: Config) -> None:
+        self.name = name
+        self.path = path
+        self._config = config
+        self.providers: list[Provider] = []
+        self.logger = logging.getLogger(f"mpnet.module.{name}")
+        self._shared: SharedState | None = None
+
+    def __repr__(self) -> str:
+        return f"<mpnet module {self.name!r} from {self.path}>"
+
+    def provides(self, kind: str, table: dict[str, Any] | None = None, /, **fields: Any) -> None:
+        """Declare a provider. Only ``"net"`` exists: a network service with a listener.
+
+        Fields (a dict, keyword arguments, or both): ``listener`` (required), ``default_port``
+        or ``default_ports``, ``name`` (default: the module's name), ``encryption``, ``multiplex``.
+        """
+        where = f"module {self.name!r}"
+        if kind != "net":
+            raise ModuleError(f"{where}: provides({kind!r}): only 'net' providers exist")
+        if table is not None and not isinstance(table, dict):
+            raise ModuleError(f"{where}: provides('net', ...): expected a dict of fields")
+        merged = {**(table or {}), **fields}
+        unknown = set(merged) - PROVIDER_FIELDS
+        if unknown:
+            raise ModuleError(
+                f"{where}: provides('net'): unknown field(s) {', '.join(sorted(unknown))}; "
+                f"known: {', '.join(sorted(PROVIDER_FIELDS))}"
+            )
+        name = merged.get("name", self.name)
+        if not isinstance(name, str) or not SERVICE_NAME.match(name):
+            raise ModuleError(
+                f"{where}: provider name {name!r} must be letters, digits and single underscores"
+            )
+        where = f"{where}, service {name!r}"
+        if "listener" not in merged:
+            raise ModuleError(f"{where}: provides('net') needs a listener")
+        ports = merged.get("default_ports", [])
+        if "default_port" in merged:
+            ports = [merged["default_port"], *ports]
+        if isinstance(ports, int):
+            ports = [ports]
+        if not isinstance(ports, (list, tuple)) or not all(
+            type(port) is int and 0 <= port <= 65535 for port in ports
+        ):
+            raise ModuleError(f"{where}: default_port(s) must be port numbers 0-65535")
+        if any(provider.name == name for provider in self.providers):
+            raise ModuleError(f"{where}: provided twice")
+        listener = merged["listener"]
+        if listener is None or isinstance(listener, (str, bytes, int, float)):
+            raise ModuleError(f"{where}: listener must be an object or a dict of callbacks")
+        options = {k: merged[k] for k in ("encryption", "multiplex") if k in merged}
+        # Callbacks are looked up once the module has finished loading, so that, as in
+        # Prosody, a module may fill in its listener after calling provides().
+        self.providers.append(Provider(name, self, listener, list(ports), {}, options))
+
+    def log(self, level: str, message: str, *args: Any) -> None:
+        """Log as this module: ``module.log("info", "Connection closed: %s", err)``."""
+        self.logger.log(LEVELS.get(level, logging.INFO), message, *args)
+
+    def get_option(self, name: str, default: Any = None) -> Any:
+        """An option from the module's ``[<module>]`` config table, else a framework key
+        of that name, else *default*."""
+        table = self._config.module_tables.get(self.name)
+        if table is not None and name in table:
+            return table[name]
+        return self._config.values.get(name, default)
+
+    def shared(self, name: str) -> SharedTable:
+        """A table every worker sees (see :mod:`mpnet.shared`)."""
+        return self._require_shared().table(name)
+
+    def broadcast(self, topic: str, payload: Any = None) -> None:
+        """Run every ``hook(topic, ...)`` handler in every worker, in the master's order."""
+        self._require_shared().broadcast(topic, payload)
+
+    def hook(self, topic: str, handler: Callable[[Any], Any]) -> None:
+        """Register *handler(payload)* for broadcasts on *topic*."""
+        self._require_shared().hook(topic, handler, self.name)
+
+    def _require_shared(self) -> SharedState:
+        if self._shared is None:
+            from .shared import SharedState
+
+            # Loaded outside a worker (the checker): a detached replica that goes nowhere.
+            self._shared = SharedState(lambda message: None, {})
+        return self._shared
+
+
+@dataclass
+class LoadedModules:
+    modules: list[Module]
+
+    @property
+    def providers(self) -> list[Provider]:
+        return [provider for module in self.modules for provider in module.providers]
+
+
+def find_module(spec: str, config: Config) -> tuple[str, Path]:
+    """Resolve a ``modules`` entry to (name, file): a path to a .py file, or a name looked up
+    in ``module_paths`` and then among the bundled modules."""
+    if spec.endswith(".py") or "/" in spec:
+        path = config.resolve_path(spec)
+        if not path.is_file():
+            raise ModuleError(f"{config.path}: module file {spec!r} not found (looked at {path})")
+        return path.stem, path
+    if not SERVICE_NAME.match(spec):
+        raise ModuleError(f"{config.path}: module name {spec!r} is not a valid module name")
+    searched = [config.resolve_path(p) for p in config["module_paths"]] + [bundled_dir()]
+    for directory in searched:
+        candidate = directory / f"{spec}.py"
+        if candidate.is_file():
+            return spec, candidate
+    raise ModuleError(
+        f"{config.path}: module {spec!r} not found (searched {', '.join(map(str, searched))})"
+    )
+
+
+def _load_error(name: str, path: Path, exc: BaseException) -> ModuleError:
+    """A one-line error naming the module, the exception and the line of the module at fault."""
+    line = ""
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if frame.filename == str(path):
+            line = f" (line {frame.lineno})"
+            break
+    if isinstance(exc, SyntaxError):
+        line = f" (line {exc.lineno})"
+    if isinstance(exc, ModuleError):
+        return ModuleError(f"{exc}{line}")
+    return ModuleError(
+        f"module {name!r} ({path}) failed to load: {type(exc).__name__}: {exc}{line}"
+    )
+
+
+def load_module(name: str, path: Path, config: Config, shared: SharedState | None) -> Module:
+    """Execute one module file with ``module`` injected; return its :class:`Module`."""
+    module = Module(name, path, config)
+    module._shared = shared
+    namespace = types.ModuleType(f"mpnet.services.{name}")
+    namespace.__file__ = str(path)
+    namespace.module = module  # type: ignore[attr-defined]
+    sys.modules[namespace.__name__] = namespace
+    try:
+        code = compile(path.read_bytes(), str(path), "exec")
+        exec(code, namespace.__dict__)
+    except Exception as exc:
+        sys.modules.pop(namespace.__name__, None)
+        raise _load_error(name, path, exc) from exc
+    for provider in module.providers:
+        where = f"module {name!r}, service {provider.name!r}"
+        provider.callbacks = listener_callbacks(provider.listener, where)
+    if not module.providers:
+        module.logger.debug("module %s provides no service", name)
+    return module
+
+
+def load_modules(config: Config, shared: SharedState | None = None) -> LoadedModules:
+    """Load every module of the config, in order, and check provider names are unique."""
+    modules: list[Module] = []
+    seen: dict[str, str] = {}
+    for spec in config["modules"]:
+        name, path = find_module(spec, config)
+        if any(m.name == name for m in modules):
+            raise ModuleError(f"{config.path}: module {name!r} is listed twice")
+        module = load_module(name, path, config, shared)
+        for provider in module.providers:
+            if provider.name in seen:
+                raise ModuleError(
+                    f"service name {provider.name!r} is provided by both module "
+                    f"{seen[provider.name]!r} and module {name!r}; set a distinct name="
+                )
+            seen[provider.name] = name
+        modules.append(module)
+    loaded = LoadedModules(modules)
+    config.check_names([p.name for p in loaded.providers], [m.name for m in modules])
+    return loaded
+
+
+def is_awaitable(value: Any) -> bool:
+    return inspect.isawaitable(value)

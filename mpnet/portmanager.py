@@ -1,0 +1,376 @@
+"""The port ledger: which service gets which endpoint, conflicts, and the listening sockets.
+
+Like Prosody's ``core/portmanager.lua`` this is the one place that knows about ports, but it runs in
+the master only and checks centrally. Planning (:func:`plan_services`, :func:`find_conflicts`) is
+pure; :class:`PortLedger` owns the sockets: one ``SO_REUSEPORT`` socket per endpoint per worker
+slot, kept open for the life of the service so a replacement worker accepts on the very socket its
+predecessor used and connections queued in the kernel are never reset.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Config, ConfigError
+
+
+class PortConflict(Exception):
+    """An endpoint that cannot be had, with a message naming it, the claimants and the fix."""
+
+
+@dataclass(frozen=True, order=True)
+class Endpoint:
+    """A listening address as configured (``port`` 0 means "any free port, chosen at bind")."""
+
+    host: str  # normalised: "0.0.0.0", "::", or a literal address
+    port: int
+
+    @property
+    def family(self) -> int:
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+    @property
+    def wildcard(self) -> bool:
+        return self.host in ("0.0.0.0", "::")
+
+    def overlaps(self, other: Endpoint) -> bool:
+        """Would both endpoints receive the same connections? (``*`` covers every address.)"""
+        if self.port != other.port or self.port == 0 or self.family != other.family:
+            return False
+        return self.host == other.host or self.wildcard or other.wildcard
+
+    def __str__(self) -> str:
+        return format_address(self.host, self.port)
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def normalise_host(host: str) -> str:
+    """``*`` → ``0.0.0.0``; ``localhost`` → ``127.0.0.1``; literal addresses in canonical form."""
+    if host == "*":
+        return "0.0.0.0"
+    if host == "localhost":
+        return "127.0.0.1"
+    try:
+        return str(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        pass
+    try:
+        info = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ValueError(f"cannot resolve interface {host!r}: {exc.strerror}") from None
+    return str(info[0][4][0])
+
+
+@dataclass
+class ServicePlan:
+    """Where one service listens, and which config key decided it (for error messages)."""
+
+    service: str
+    module: str
+    endpoints: list[Endpoint]
+    ports_key: str
+    interfaces_key: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def plan_services(config: Config, services: Iterable[dict[str, Any]]) -> list[ServicePlan]:
+    """Turn the providers' declarations (plain data from the checker) into endpoint plans,
+    applying ``<service>_ports`` / ``<service>_interfaces`` / ``interfaces`` from the config."""
+    plans = []
+    for info in services:
+        name = info["name"]
+        if config.service_key_is_set(name, "ports"):
+            ports, ports_key = config.service_options[name]["ports"], f"{name}_ports"
+        else:
+            ports, ports_key = info["default_ports"], f"{name}_ports"
+        if not ports:
+            raise ConfigError(
+                f"{config.path}: service {name!r} (module {info['module']!r}) has no default "
+                f"port; set {name}_ports"
+            )
+        if config.service_key_is_set(name, "interfaces"):
+            interfaces_key = f"{name}_interfaces"
+        else:
+            interfaces_key = "interfaces"
+        interfaces = config.service_option(name, "interfaces")
+        endpoints = []
+        for host in interfaces:
+            try:
+                normal = normalise_host(host)
+            except ValueError as exc:
+                raise ConfigError(f"{config.path}: key {interfaces_key!r}: {exc}") from None
+            for port in ports:
+                endpoint = Endpoint(normal, port)
+                if endpoint not in endpoints:
+                    endpoints.append(endpoint)
+        plans.append(
+            ServicePlan(name, info["module"], endpoints, ports_key, interfaces_key, dict(info))
+        )
+    return plans
+
+
+def find_conflicts(plans: list[ServicePlan]) -> list[str]:
+    """Every pair of services whose endpoints overlap (Prosody compares strings only; this
+    also catches ``*`` against a specific address on the same port)."""
+    problems = []
+    for index, first in enumerate(plans):
+        for second in plans[index + 1 :]:
+            for a in first.endpoints:
+                for b in second.endpoints:
+                    if a.overlaps(b):
+                        problems.append(
+                            f"port conflict on {b}: services {first.service!r} ({a}) and "
+                            f"{second.service!r} ({b}) both want it; change {second.ports_key} "
+                            f"or {second.interfaces_key} in the config"
+                        )
+    return problems
+
+
+def describe_holder(endpoint: Endpoint) -> str | None:
+    """Name the process listening on the endpoint's port, if psutil can see it.
+
+    psutil reports one process per socket, and a socket shared by a server and its forked
+    workers may be reported under a worker; so the name given is that of the eldest ancestor
+    running the same command line (the master of a pre-forking server).
+    """
+    try:
+        import psutil
+
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status != psutil.CONN_LISTEN or not conn.laddr:
+                continue
+            if conn.laddr.port != endpoint.port:
+                continue
+            if not Endpoint(normalise_host(conn.laddr.ip), conn.laddr.port).overlaps(endpoint):
+                continue
+            if conn.pid is None:
+                return "another process (not visible to this user)"
+            process = psutil.Process(conn.pid)
+            command = process.cmdline()
+            parent = process.parent()
+            while parent is not None and parent.cmdline() == command:
+                process, parent = parent, parent.parent()
+            return f"pid {process.pid} ({' '.join(command) or process.name()})"
+    except Exception:  # best effort: the refusal stands without a name
+        return None
+    return None
+
+
+def _new_socket(endpoint: Endpoint, reuse_port: bool) -> socket.socket:
+    sock = socket.socket(endpoint.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if endpoint.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def probe(endpoint: Endpoint, plan: ServicePlan) -> None:
+    """Refuse an endpoint another process holds, even with ``SO_REUSEPORT``.
+
+    A bind *without* ``SO_REUSEPORT`` fails if any socket owns the port, so it detects a second
+    mpnet (or anything else) that the kernel would otherwise let share our traffic silently.
+    """
+    sock = _new_socket(endpoint, reuse_port=False)
+    try:
+        sock.bind((endpoint.host, endpoint.port))
+    except OSError as exc:
+        raise PortConflict(_bind_error(endpoint, plan, exc)) from None
+    finally:
+        sock.close()
+
+
+def _bind_error(endpoint: Endpoint, plan: ServicePlan, exc: OSError) -> str:
+    where = f"service {plan.service!r} cannot listen on {endpoint}"
+    fix = f"change {plan.ports_key} or {plan.interfaces_key} in the config"
+    if exc.errno == errno.EADDRINUSE:
+        holder = describe_holder(endpoint)
+        who = f" by {holder}" if holder else " by another process"
+        return f"{where}: port {endpoint.port} is already in use{who}; {fix} or stop it"
+    if exc.errno == errno.EACCES:
+        return f"{where}: permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{where}: no such local address; {fix}"
+    return f"{where}: {exc.strerror or exc}; {fix}"
+
+
+@dataclass
+class Binding:
+    """The sockets of one endpoint: ``sockets[slot]`` for each worker slot."""
+
+    endpoint: Endpoint
+    service: str
+    port: int  # the real port (differs from endpoint.port when that is 0)
+    sockets: list[socket.socket] = field(default_factory=list)
+    adopted: bool = False  # came from systemd socket activation: never closed by us
+
+    @property
+    def address(self) -> str:
+        return format_address(self.endpoint.host, self.port)
+
+
+def binding_key(service: str, endpoint: Endpoint) -> tuple[Endpoint, str]:
+    """Ledger key: the endpoint, except that every ``port 0`` endpoint is its service's own."""
+    return (endpoint, service if endpoint.port == 0 else "")
+
+
+class PortLedger:
+    """Owns every listening socket of the master, keyed by :func:`binding_key`.
+
+    An endpoint that moves from one service to another on reload keeps its sockets (and its
+    queued connections): old workers drain the old service while new ones serve the new.
+    """
+
+    def __init__(self, backlog: int = 1024) -> None:
+        self.backlog = backlog
+        self.bindings: dict[tuple[Endpoint, str], Binding] = {}
+        self.plans: list[ServicePlan] = []
+        self.adoptable: list[Any] = []  # systemd-activated sockets not yet claimed
+
+    def check(self, plans: list[ServicePlan]) -> None:
+        """Raise PortConflict unless every endpoint of *plans* can be had (nothing is bound)."""
+        problems = find_conflicts(plans)
+        if problems:
+            raise PortConflict(problems[0])
+        for plan in plans:
+            for endpoint in plan.endpoints:
+                held = self.bindings.get(binding_key(plan.service, endpoint))
+                if held is not None or endpoint.port == 0 or self._activated(endpoint):
+                    continue
+                probe(endpoint, plan)
+
+    def apply(self, plans: list[ServicePlan], slots: int) -> list[Binding]:
+        """Bind what *plans* add, for *slots* worker slots. Endpoints no longer planned stay
+        open until :meth:`release_unplanned` (old workers may still be draining on them).
+
+        Returns the new bindings. On failure, what this call bound is closed again.
+        """
+        self.check(plans)
+        added: list[Binding] = []
+        try:
+            for plan in plans:
+                for endpoint in plan.endpoints:
+                    key = binding_key(plan.service, endpoint)
+                    binding = self.bindings.get(key)
+                    if binding is None:
+                        binding = self._bind_first(endpoint, plan)
+                        added.append(binding)
+                        self.bindings[key] = binding
+                    binding.service = plan.service
+                    self._grow(binding, plan, slots)
+        except BaseException:
+            for binding in added:
+                self._close(binding)
+                self.bindings.pop(binding_key(binding.service, binding.endpoint), None)
+            raise
+        self.plans = plans
+        return added
+
+    def _activated(self, endpoint: Endpoint) -> Any:
+        for activated in self.adoptable:
+            if activated.matches(endpoint):
+                return activated
+        return None
+
+    def _bind_first(self, endpoint: Endpoint, plan: ServicePlan) -> Binding:
+        activated = self._activated(endpoint)
+        if activated is not None:
+            self.adoptable.remove(activated)
+            sock = activated.socket
+            port = sock.getsockname()[1]
+            binding = Binding(endpoint, plan.service, port, [sock], adopted=True)
+            return binding
+        sock = self._bind_one(endpoint, endpoint.port, plan)
+        return Binding(endpoint, plan.service, sock.getsockname()[1], [sock])
+
+    def _bind_one(self, endpoint: Endpoint, port: int, plan: ServicePlan) -> socket.socket:
+        sock = _new_socket(endpoint, reuse_port=True)
+        try:
+            sock.bind((endpoint.host, port))
+            sock.listen(self.backlog)
+        except OSError as exc:
+            sock.close()
+            raise PortConflict(_bind_error(endpoint, plan, exc)) from None
+        sock.set_inheritable(False)
+        return sock
+
+    def _grow(self, binding: Binding, plan: ServicePlan, slots: int) -> None:
+        while len(binding.sockets) < slots:
+            binding.sockets.append(self._bind_one(binding.endpoint, binding.port, plan))
+
+    def ensure_slots(self, slots: int) -> None:
+        """Make sure every binding has a socket for slots ``0..slots-1`` (more workers)."""
+        plans = {plan.service: plan for plan in self.plans}
+        for binding in self.bindings.values():
+            self._grow(binding, plans[binding.service], slots)
+
+    def shrink_slots(self, slots: int) -> None:
+        """Close the sockets of slots ``>= slots`` (after their workers are gone)."""
+        for binding in self.bindings.values():
+            keep = max(slots, 1)
+            for sock in binding.sockets[keep:]:
+                if not binding.adopted:
+                    sock.close()
+            del binding.sockets[keep:]
+
+    def release_unplanned(self) -> list[Binding]:
+        """Close endpoints that the current plans no longer name."""
+        wanted = {binding_key(p.service, e) for p in self.plans for e in p.endpoints}
+        released = [key for key in self.bindings if key not in wanted]
+        for key in released:
+            self._close(self.bindings[key])
+        return [self.bindings.pop(key) for key in released]
+
+    def slot_sockets(self, slot: int) -> dict[str, list[tuple[Binding, socket.socket]]]:
+        """The sockets a worker in *slot* accepts on, grouped by service."""
+        result: dict[str, list[tuple[Binding, socket.socket]]] = {}
+        for binding in self.bindings.values():
+            # An adopted systemd socket is a single socket shared by every slot.
+            index = 0 if binding.adopted else slot
+            if index < len(binding.sockets):
+                result.setdefault(binding.service, []).append((binding, binding.sockets[index]))
+        return result
+
+    def all_sockets(self) -> list[socket.socket]:
+        return [sock for binding in self.bindings.values() for sock in binding.sockets]
+
+    def _close(self, binding: Binding) -> None:
+        if binding.adopted:
+            return
+        for sock in binding.sockets:
+            sock.close()
+        binding.sockets.clear()
+
+    def close_all(self) -> None:
+        for binding in self.bindings.values():
+            if binding.adopted:
+                for sock in binding.sockets:
+                    sock.close()
+                binding.sockets.clear()
+            else:
+                self._close(binding)
+        self.bindings.clear()
+
+    def describe(self) -> list[str]:
+        """One line per service: ``echo -> 127.0.0.1:5432, [::1]:5432``."""
+        lines = []
+        for plan in self.plans:
+            addresses = []
+            for endpoint in plan.endpoints:
+                binding = self.bindings.get(binding_key(plan.service, endpoint))
+                addresses.append(binding.address if binding else str(endpoint))
+            lines.append(f"{plan.service} (module {plan.module}) -> {', '.join(addresses)}")
+        return lines

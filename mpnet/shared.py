@@ -1,0 +1,503 @@
+"""Shared tables and broadcasts across workers.
+
+The master holds the authoritative copy of every table and puts all writes in one order; each
+worker keeps a replica, so reads are plain dict reads. The channel protocol (plain-data lists):
+
+worker -> master
+    ``["sw", table, op, args]``          a write already applied locally (set, del, clear, update)
+    ``["sx", request, table, op, args]`` an atomic operation decided by the master (incr,
+                                         setdefault, cas, pop); answered with ``sr``
+    ``["bc", topic, payload]``           a broadcast
+master -> every worker
+    ``["sa", origin_pid, table, op, args]`` a sequenced write (its *effect*: atomics arrive as
+                                         set/del with the master's result)
+    ``["be", topic, payload]``           a broadcast, in the master's order
+master -> one worker
+    ``["sr", request, ok, value]``       the answer to an atomic operation
+
+Read-your-writes with convergence: a worker applies its own write at once and counts it as pending
+for that key. A write from another worker that arrives while the key has pending local writes was
+sequenced *before* them (the master answers in order on each channel), so it is superseded and
+skipped; the worker's own echo then sets the value in the master's order. Every replica therefore
+ends in the master's state.
+
+A new worker needs no snapshot message: it is forked from the master, so it starts with a copy of
+the master's tables, and every write sequenced after the fork reaches its channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+import zlib
+from collections.abc import Callable, Iterator, MutableMapping
+from pathlib import Path
+from typing import Any
+
+from .channel import ChannelError, check_plain, decode_payload, encode
+from .config import Config
+
+log = logging.getLogger("mpnet.shared")
+
+KEY_TYPES = (str, bytes, int, float, bool)
+_MISSING = object()
+
+
+class SharedError(Exception):
+    """An atomic operation the master refused (e.g. ``incr`` of a value that is not an int)."""
+
+
+def _check_key(key: Any) -> None:
+    if type(key) not in KEY_TYPES:
+        raise TypeError(
+            f"shared table keys must be str, bytes, int, float or bool, not {type(key).__name__}"
+        )
+
+
+def apply_write(data: dict[Any, Any], op: str, args: list[Any]) -> None:
+    """Apply one write to a plain dict (master copy, replicas and journal replay share this)."""
+    if op == "set":
+        data[args[0]] = args[1]
+    elif op == "del":
+        data.pop(args[0], None)
+    elif op == "clear":
+        data.clear()
+    elif op == "update":
+        data.update(args[0])
+    else:
+        raise ValueError(f"unknown shared-table write {op!r}")
+
+
+def run_atomic(data: dict[Any, Any], op: str, args: list[Any]) -> tuple[Any, list[Any] | None]:
+    """Decide an atomic operation on the master's copy: (answer, effect write or None)."""
+    key = args[0]
+    _check_key(key)
+    if op == "incr":
+        amount = args[1]
+        current = data.get(key, 0)
+        if type(current) is not int or type(amount) is not int:
+            raise SharedError(f"incr: value of {key!r} is not an integer")
+        new = current + amount
+        return new, ["set", [key, new]]
+    if op == "setdefault":
+        if key in data:
+            return data[key], None
+        check_plain(args[1])
+        return args[1], ["set", [key, args[1]]]
+    if op == "cas":
+        expected, new = args[1], args[2]
+        current = data.get(key)
+        if current != expected or type(current) is not type(expected):
+            return False, None
+        check_plain(new)
+        return True, ["set", [key, new]]
+    if op == "pop":
+        if key in data:
+            return data[key], ["del", [key]]
+        return args[1], None
+    raise SharedError(f"unknown atomic operation {op!r}")
+
+
+# -- worker side ----------------------------------------------------------------------------------
+
+
+class SharedTable(MutableMapping[Any, Any]):
+    """A table every worker sees. Reads are local; writes reach every worker (see module doc)."""
+
+    def __init__(self, state: SharedState, name: str, data: dict[Any, Any]) -> None:
+        self.name = name
+        self._state = state
+        self._data = data
+        self._pending: dict[Any, int] = {}
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._data[key]
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self._data.get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._data
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(list(self._data))
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"<shared table {self.name!r} {self._data!r}>"
+
+    def _write(self, op: str, args: list[Any], keys: list[Any]) -> None:
+        for key in keys:
+            self._pending[key] = self._pending.get(key, 0) + 1
+        self._state._send(["sw", self.name, op, args])
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        _check_key(key)
+        check_plain(value)
+        self._data[key] = value
+        self._write("set", [key, value], [key])
+
+    def __delitem__(self, key: Any) -> None:
+        del self._data[key]
+        self._write("del", [key], [key])
+
+    def clear(self) -> None:
+        self._data.clear()
+        self._write("clear", [], [])
+
+    def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        changes = dict(*args, **kwargs)
+        for key, value in changes.items():
+            _check_key(key)
+            check_plain(value)
+        self._data.update(changes)
+        self._write("update", [changes], list(changes))
+
+    def snapshot(self) -> dict[Any, Any]:
+        """A shallow copy of the local replica."""
+        return dict(self._data)
+
+    # atomic operations: decided by the master, awaited by the caller
+
+    async def incr(self, key: Any, amount: int = 1) -> int:
+        return await self._state._atomic(self.name, "incr", [key, amount])
+
+    async def setdefault(self, key: Any, value: Any = None) -> Any:  # type: ignore[override]
+        check_plain(value)
+        return await self._state._atomic(self.name, "setdefault", [key, value])
+
+    async def cas(self, key: Any, expected: Any, new: Any) -> bool:
+        check_plain(expected)
+        check_plain(new)
+        return await self._state._atomic(self.name, "cas", [key, expected, new])
+
+    async def pop(self, key: Any, default: Any = None) -> Any:  # type: ignore[override]
+        return await self._state._atomic(self.name, "pop", [key, default])
+
+    # replication
+
+    def _apply(self, own: bool, op: str, args: list[Any]) -> None:
+        pending = self._pending
+        if own:
+            keys = [args[0]] if op in ("set", "del") else list(args[0]) if op == "update" else []
+            for key in keys:
+                count = pending.get(key, 0) - 1
+                if count > 0:
+                    pending[key] = count
+                else:
+                    pending.pop(key, None)
+            if op == "clear":
+                return  # applied locally already; later local writes must not be lost
+            apply_write(self._data, op, args)
+            return
+        if not pending:
+            apply_write(self._data, op, args)
+        elif op in ("set", "del"):
+            if args[0] not in pending:
+                apply_write(self._data, op, args)
+        elif op == "update":
+            apply_write(self._data, op, [{k: v for k, v in args[0].items() if k not in pending}])
+        elif op == "clear":
+            for key in [k for k in self._data if k not in pending]:
+                del self._data[key]
+
+
+class SharedState:
+    """A worker's replicas of the shared tables, plus broadcasts and pending atomic requests."""
+
+    def __init__(self, send: Callable[[Any], None], tables: dict[str, dict[Any, Any]]) -> None:
+        self._send = send
+        self._pid = os.getpid()
+        self._initial = tables
+        self._tables: dict[str, SharedTable] = {}
+        self._requests: dict[int, asyncio.Future[Any]] = {}
+        self._request_ids = itertools.count(1)
+        self._hooks: dict[str, list[tuple[Callable[[Any], Any], str]]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def table(self, name: str) -> SharedTable:
+        table = self._tables.get(name)
+        if table is None:
+            if not isinstance(name, str) or not name:
+                raise TypeError("shared table names are non-empty strings")
+            table = SharedTable(self, name, self._initial.pop(name, {}))
+            self._tables[name] = table
+        return table
+
+    def broadcast(self, topic: str, payload: Any) -> None:
+        if not isinstance(topic, str):
+            raise TypeError("broadcast topics are strings")
+        check_plain(payload)
+        self._send(["bc", topic, payload])
+
+    def hook(self, topic: str, handler: Callable[[Any], Any], owner: str = "") -> None:
+        self._hooks.setdefault(topic, []).append((handler, owner))
+
+    async def _atomic(self, table: str, op: str, args: list[Any]) -> Any:
+        _check_key(args[0])
+        request = next(self._request_ids)
+        future = asyncio.get_running_loop().create_future()
+        self._requests[request] = future
+        self._send(["sx", request, table, op, args])
+        return await future
+
+    def message_handlers(self) -> dict[str, Callable[[list[Any]], None]]:
+        return {"sa": self._on_write, "sr": self._on_result, "be": self._on_broadcast}
+
+    def _on_write(self, message: list[Any]) -> None:
+        _, origin, name, op, args = message
+        self.table(name)._apply(origin == self._pid, op, args)
+
+    def _on_result(self, message: list[Any]) -> None:
+        _, request, ok, value = message
+        future = self._requests.pop(request, None)
+        if future is None or future.done():
+            return
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(SharedError(value))
+
+    def _on_broadcast(self, message: list[Any]) -> None:
+        _, topic, payload = message
+        for handler, owner in self._hooks.get(topic, ()):
+            try:
+                result = handler(payload)
+                if asyncio.iscoroutine(result):
+                    task = asyncio.ensure_future(result)
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+            except Exception:
+                logging.getLogger(f"mpnet.module.{owner or 'mpnet'}").exception(
+                    "hook for broadcast %r failed", topic
+                )
+
+
+# -- master side ----------------------------------------------------------------------------------
+
+
+class SharedMaster:
+    """The authoritative tables in the master: sequencing, atomics, broadcasts, persistence."""
+
+    def __init__(self, config: Config) -> None:
+        self.tables: dict[str, dict[Any, Any]] = {}
+        self.sequence = 0
+        state_file = config["state_file"]
+        self.store = (
+            Store(config.resolve_path(state_file), config["state_fsync"]) if (state_file) else None
+        )
+
+    def open(self) -> None:
+        if self.store is not None:
+            self.tables = self.store.load()
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close(self.tables)
+
+    def before_fork(self) -> None:
+        """Flush buffered journal bytes so the child cannot write them a second time."""
+        if self.store is not None:
+            self.store.flush()
+
+    def forget_in_child(self) -> None:
+        """In a forked worker: the master's journal file is not the worker's to touch."""
+        if self.store is not None:
+            self.store.forget()
+
+    def tick(self) -> None:
+        if self.store is not None:
+            self.store.tick(self.tables)
+
+    def handle(self, handle: Any, message: list[Any], channels: list[tuple[Any, Any]]) -> bool:
+        """Process one shared-state message from a worker; False if it is not one."""
+        kind = message[0]
+        if kind == "sw":
+            _, name, op, args = message
+            if not isinstance(name, str) or op not in ("set", "del", "clear", "update"):
+                raise ChannelError(f"bad shared write {op!r}")
+            self._write(handle.pid, name, op, args, channels)
+        elif kind == "sx":
+            _, request, name, op, args = message
+            table = self.tables.setdefault(name, {})
+            try:
+                answer, effect = run_atomic(table, op, args)
+            except (SharedError, TypeError) as exc:
+                handle.channel.send(["sr", request, False, str(exc)])
+                return True
+            if effect is not None:
+                self._write(handle.pid, name, effect[0], effect[1], channels)
+            handle.channel.send(["sr", request, True, answer])
+        elif kind == "bc":
+            _, topic, payload = message
+            frame = encode(["be", topic, payload])
+            self._fan_out(frame, channels)
+        else:
+            return False
+        return True
+
+    def _write(self, origin: int, name: str, op: str, args: list[Any], channels: list[Any]) -> None:
+        table = self.tables.setdefault(name, {})
+        apply_write(table, op, args)
+        self.sequence += 1
+        if self.store is not None:
+            self.store.append(name, op, args)
+        self._fan_out(encode(["sa", origin, name, op, args]), channels)
+
+    def _fan_out(self, frame: bytes, channels: list[tuple[Any, Any]]) -> None:
+        for handle, channel in channels:
+            try:
+                channel.send_frame(frame)
+            except ChannelError as exc:
+                log.error("worker %d (pid %d): %s; cutting it off", handle.slot, handle.pid, exc)
+                channel.close()
+
+
+# -- persistence ----------------------------------------------------------------------------------
+
+_MAGIC = b"MPNETSNAP1\n"
+_COMPACT_BYTES = 64 * 1024 * 1024
+
+
+class StateFileError(Exception):
+    """The state file or journal cannot be trusted; the message says where."""
+
+
+class Store:
+    """Snapshot plus append-only checksummed journal for the master's tables.
+
+    Journal record: 4-byte length, 4-byte CRC32 of the payload, payload (``encode`` of
+    ``[table, op, args]`` without its frame header). A record cut short at the very end (the master
+    died mid-write) is dropped on load; a bad record followed by more data is corruption, and the
+    service refuses to start rather than serve half a state.
+    """
+
+    def __init__(self, path: Path, fsync: str) -> None:
+        self.path = path
+        self.journal_path = path.with_name(path.name + ".journal")
+        self.fsync = fsync
+        self._journal: Any = None
+        self._dirty = False
+        self._last_sync = time.monotonic()
+        self._journal_bytes = 0
+
+    def load(self) -> dict[str, dict[Any, Any]]:
+        tables: dict[str, dict[Any, Any]] = {}
+        if self.path.exists():
+            raw = self.path.read_bytes()
+            if not raw.startswith(_MAGIC) or len(raw) < len(_MAGIC) + 4:
+                raise StateFileError(f"{self.path}: not an mpnet state snapshot")
+            body = raw[len(_MAGIC) + 4 :]
+            if zlib.crc32(body) != int.from_bytes(raw[len(_MAGIC) : len(_MAGIC) + 4], "big"):
+                raise StateFileError(f"{self.path}: snapshot checksum mismatch (file corrupt)")
+            tables = decode_payload(body)
+        good_end = 0
+        if self.journal_path.exists():
+            data = self.journal_path.read_bytes()
+            good_end, count = replay_journal(data, tables, str(self.journal_path))
+            if good_end < len(data):
+                log.warning(
+                    "%s: dropped an incomplete last record (%d bytes) left by a crash",
+                    self.journal_path,
+                    len(data) - good_end,
+                )
+            log.info("state loaded: %d table(s), %d journal record(s)", len(tables), count)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._journal = open(self.journal_path, "ab")  # noqa: SIM115 - held for the service's life
+        self._journal.truncate(good_end)
+        self._journal_bytes = good_end
+        return tables
+
+    def append(self, name: str, op: str, args: list[Any]) -> None:
+        payload = encode([name, op, args])[4:]
+        record = len(payload).to_bytes(4, "big") + zlib.crc32(payload).to_bytes(4, "big") + payload
+        self._journal.write(record)
+        self._journal_bytes += len(record)
+        if self.fsync == "always":
+            self._journal.flush()
+            os.fsync(self._journal.fileno())
+        else:
+            self._dirty = True
+
+    def tick(self, tables: dict[str, dict[Any, Any]]) -> None:
+        if self._dirty and self.fsync == "everysec" and time.monotonic() - self._last_sync >= 1:
+            self._journal.flush()
+            os.fsync(self._journal.fileno())
+            self._dirty = False
+            self._last_sync = time.monotonic()
+        elif self._dirty and self.fsync == "never":
+            self._journal.flush()
+            self._dirty = False
+        if self._journal_bytes > _COMPACT_BYTES:
+            self.compact(tables)
+
+    def compact(self, tables: dict[str, dict[Any, Any]]) -> None:
+        """Write a fresh snapshot atomically, then empty the journal."""
+        body = encode(tables)[4:]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as out:
+            out.write(_MAGIC + zlib.crc32(body).to_bytes(4, "big") + body)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, self.path)
+        self._journal.truncate(0)
+        self._journal.flush()
+        os.fsync(self._journal.fileno())
+        self._journal_bytes = 0
+        self._dirty = False
+
+    def close(self, tables: dict[str, dict[Any, Any]]) -> None:
+        if self._journal is not None:
+            self.compact(tables)
+            self._journal.close()
+            self._journal = None
+
+    def flush(self) -> None:
+        if self._journal is not None:
+            self._journal.flush()
+
+    def forget(self) -> None:
+        """In a forked child: close our copy of the descriptor (the buffer is empty, see
+        :meth:`SharedMaster.before_fork`)."""
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+
+
+def replay_journal(data: bytes, tables: dict[str, dict[Any, Any]], where: str) -> tuple[int, int]:
+    """Apply journal *data* to *tables*; return (end of the last good record, records applied).
+
+    Pure, so the three cases (clean, cut short at the end, corrupt in the middle) are tested with
+    bytes alone.
+    """
+    pos = count = 0
+    while pos < len(data):
+        if len(data) - pos < 8:
+            return pos, count  # header cut short: the tail of a crashed write
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        checksum = int.from_bytes(data[pos + 4 : pos + 8], "big")
+        end = pos + 8 + length
+        if end > len(data):
+            return pos, count  # body cut short at the end
+        payload = data[pos + 8 : end]
+        if zlib.crc32(payload) != checksum:
+            if end == len(data):
+                return pos, count  # a torn last write: the tail of a crash, like a short one
+            raise StateFileError(
+                f"{where}: corrupt record at byte {pos} (checksum mismatch) with "
+                f"{len(data) - end} more byte(s) after it; refusing to load a partial state "
+                f"(move the file away to start empty)"
+            )
+        try:
+            name, op, args = decode_payload(payload)
+            apply_write(tables.setdefault(name, {}), op, args)
+        except (ChannelError, ValueError, TypeError) as exc:
+            raise StateFileError(f"{where}: undecodable record at byte {pos}: {exc}") from None
+        pos = end
+        count += 1
+    return pos, count

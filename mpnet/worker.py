@@ -1,0 +1,241 @@
+"""A worker process: one event loop that loads the modules and serves its slot's sockets.
+
+The master forks a worker into a *slot*; the worker inherits that slot's listening sockets (bound
+by the master, see :mod:`mpnet.portmanager`) and its end of the channel. It loads the service
+modules itself — user code runs here, never in the master — and reports ``ready`` once every
+service accepts. A heartbeat that only the running loop can send tells the master it is healthy.
+
+Stopping: SIGTERM (or a ``stop`` message) is graceful: stop accepting, let connections finish up to
+``graceful_timeout``, then close them with ``ondisconnect(conn, "server shutting down")``.
+SIGQUIT/SIGINT are quick: close every connection now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+from . import log as mpnet_log
+from .channel import WorkerChannel
+from .config import Config, ConfigError
+from .connection import Service
+from .module import LoadedModules, ModuleError, load_modules
+from .portmanager import Binding
+from .shared import SharedState
+
+log = logging.getLogger("mpnet.worker")
+
+EXIT_OK = 0
+EXIT_BOOT_ERROR = 3
+HEARTBEAT_INTERVAL = 1.0
+SHUTDOWN_REASON = "server shutting down"
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where it is installed (measured cheaper per message and per accept), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+class Worker:
+    """One worker process's life: boot, serve, stop. :meth:`run` returns the exit code."""
+
+    def __init__(
+        self,
+        slot: int,
+        generation: int,
+        config: Config,
+        channel_sock: socket.socket,
+        sockets: dict[str, list[tuple[Binding, socket.socket]]],
+        shared_tables: dict[str, dict[Any, Any]],
+    ) -> None:
+        self.slot = slot
+        self.generation = generation
+        self.config = config
+        self.label = f"w{slot}."
+        self._channel_sock = channel_sock
+        self._sockets = sockets
+        self.channel: WorkerChannel | None = None
+        self.services: dict[str, Service] = {}
+        self.servers: list[asyncio.AbstractServer] = []
+        self.modules: LoadedModules | None = None
+        self.shared = SharedState(self.send, shared_tables)
+        self._stop: asyncio.Future[str] | None = None
+        self._graceful_timeout = float(config["graceful_timeout"])
+        self._message_handlers: dict[str, Any] = {"stop": self._on_stop_message}
+        self._message_handlers.update(self.shared.message_handlers())
+
+    # -- process entry ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        mpnet_log.set_role(f"worker {self.slot}")
+        loop = new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            return loop.run_until_complete(self._main())
+        finally:
+            try:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                loop.close()
+
+    async def _main(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._stop = loop.create_future()
+        _, self.channel = await loop.create_unix_connection(  # type: ignore[type-var]
+            lambda: WorkerChannel(self._on_message, self._on_channel_lost),
+            sock=self._channel_sock,
+        )
+        for signum, mode in (
+            (signal.SIGTERM, "graceful"),
+            (signal.SIGQUIT, "quick"),
+            (signal.SIGINT, "quick"),
+        ):
+            loop.add_signal_handler(signum, self.request_stop, mode)
+        loop.add_signal_handler(signal.SIGUSR1, mpnet_log.reopen)
+        for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+            signal.signal(signum, signal.SIG_IGN)  # the master's signals, not ours
+        try:
+            await self._boot()
+        except (ModuleError, ConfigError) as exc:
+            log.error("%s", exc)
+            self.send(["boot_error", str(exc)])
+            await self._flush_channel()
+            return EXIT_BOOT_ERROR
+        heartbeat = asyncio.ensure_future(self._heartbeat())
+        mode = await self._stop
+        heartbeat.cancel()
+        await self._shutdown(mode)
+        self.send(["stopped", self.served()])
+        await self._flush_channel()
+        return EXIT_OK
+
+    async def _boot(self) -> None:
+        self.modules = load_modules(self.config, self.shared)
+        loop = asyncio.get_running_loop()
+        provided = {provider.name: provider for provider in self.modules.providers}
+        for name in self._sockets:
+            if name not in provided:
+                raise ModuleError(f"service {name!r} is in the port plan but no module provides it")
+        for name, provider in provided.items():
+            sockets = self._sockets.get(name)
+            if not sockets:
+                raise ModuleError(
+                    f"service {name!r} is not in the port plan (did its module change since "
+                    f"the configuration was checked?)"
+                )
+            service = Service(provider, self.label)
+            self.services[name] = service
+            for _binding, sock in sockets:
+                server = await loop.create_server(
+                    service.protocol_factory, sock=sock, backlog=self.config["backlog"]
+                )
+                self.servers.append(server)
+        self.send(["ready", os.getpid(), self.generation])
+        log.debug("serving %s", ", ".join(self.services) or "nothing")
+
+    # -- channel ------------------------------------------------------------------------------
+
+    def send(self, message: Any) -> None:
+        if self.channel is not None:
+            self.channel.send(message)
+
+    async def _flush_channel(self) -> None:
+        """Give queued channel messages (``boot_error``, ``stopped``) a moment to leave."""
+        transport = self.channel.transport if self.channel else None
+        deadline = time.monotonic() + 2.0
+        while transport and transport.get_write_buffer_size() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    def _on_message(self, message: Any) -> None:
+        try:
+            handler = self._message_handlers[message[0]]
+        except (KeyError, IndexError, TypeError):
+            log.error("unknown message from master: %r", message)
+            return
+        handler(message)
+
+    def _on_stop_message(self, message: list[Any]) -> None:
+        if len(message) > 2 and message[2] is not None:
+            self._graceful_timeout = float(message[2])
+        self.request_stop(message[1])
+
+    def _on_channel_lost(self, reason: str) -> None:
+        if self._stop is not None and not self._stop.done():
+            log.error("%s; stopping", reason)
+            self.request_stop("graceful")
+
+    async def _heartbeat(self) -> None:
+        while True:
+            self.send(["heartbeat", self.open_connections(), self.served()])
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+
+    # -- stopping -----------------------------------------------------------------------------
+
+    def request_stop(self, mode: str) -> None:
+        """Stop ``graceful`` or ``quick``; ``quick`` during a graceful stop hurries it up."""
+        if self._stop is None:
+            return
+        if not self._stop.done():
+            self._stop.set_result(mode)
+        elif mode == "quick":
+            self._graceful_timeout = 0
+
+    def open_connections(self) -> int:
+        return sum(len(service.connections) for service in self.services.values())
+
+    def served(self) -> int:
+        return sum(service.served for service in self.services.values())
+
+    async def _shutdown(self, mode: str) -> None:
+        for server in self.servers:
+            server.close()
+        if mode == "graceful" and self.open_connections():
+            log.info(
+                "stopping: waiting up to %gs for %d connection(s)",
+                self._graceful_timeout,
+                self.open_connections(),
+            )
+            deadline = time.monotonic() + self._graceful_timeout
+            while self.open_connections() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        for service in self.services.values():
+            for conn in list(service.connections):
+                conn.close(SHUTDOWN_REASON)
+        deadline = time.monotonic() + 1.0
+        while self.open_connections() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for service in self.services.values():
+            for conn in list(service.connections):
+                conn.abort(SHUTDOWN_REASON)
+        await asyncio.sleep(0)
+
+
+def worker_process(
+    slot: int,
+    generation: int,
+    config: Config,
+    channel_sock: socket.socket,
+    sockets: dict[str, list[tuple[Binding, socket.socket]]],
+    shared_tables: dict[str, dict[Any, Any]],
+) -> None:
+    """Entry point in the forked child; never returns into the master's code."""
+    code = 1
+    try:
+        code = Worker(slot, generation, config, channel_sock, sockets, shared_tables).run()
+    except BaseException:
+        log.exception("worker %d crashed", slot)
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

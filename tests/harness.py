@@ -1,0 +1,272 @@
+"""Test harness: real ``mpnet serve`` processes, real sockets on 127.0.0.1, deadlines not sleeps.
+
+Every process started here is stopped by PID (the whole session group is killed in ``stop``),
+whatever the test's outcome.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+DEADLINE = 20.0
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (for tests that need the same port twice)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = DEADLINE, what: str = "") -> Any:
+    """Poll *condition* until it returns something true, or fail after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(0.02)
+
+
+class Client:
+    """A blocking TCP client with a deadline on every read."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.buffer = b""
+        self.timeout = timeout
+
+    def send(self, data: bytes | str) -> None:
+        self.sock.sendall(data.encode() if isinstance(data, str) else data)
+
+    def read_until(self, marker: bytes, timeout: float | None = None) -> bytes:
+        """Read until *marker* has arrived; return everything up to and including it."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while marker not in self.buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no {marker!r} within the deadline; got {self.buffer!r}")
+            self.sock.settimeout(remaining)
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise AssertionError(f"connection closed before {marker!r}; got {self.buffer!r}")
+            self.buffer += chunk
+        index = self.buffer.index(marker) + len(marker)
+        data, self.buffer = self.buffer[:index], self.buffer[index:]
+        return data
+
+    def read_exactly(self, size: int, timeout: float | None = None) -> bytes:
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while len(self.buffer) < size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"only {len(self.buffer)} of {size} bytes arrived")
+            self.sock.settimeout(remaining)
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise AssertionError(f"connection closed after {len(self.buffer)} of {size} bytes")
+            self.buffer += chunk
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        return data
+
+    def read_to_eof(self, timeout: float | None = None) -> bytes:
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"connection still open; got {self.buffer!r}")
+            self.sock.settimeout(remaining)
+            try:
+                chunk = self.sock.recv(65536)
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                data, self.buffer = self.buffer, b""
+                return data
+            self.buffer += chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Server:
+    """One ``mpnet serve`` (or any mpnet command) as a child process with its log captured."""
+
+    def __init__(self, directory: Path, config: str | None, *args: str, env: dict | None = None):
+        self.directory = directory
+        self.config_path = directory / "mpnet.toml"
+        if config is not None:
+            self.config_path.write_text(config)
+        self.args = list(args)
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._lines: list[str] = []
+        self._lock = threading.Condition()
+        self._reader: threading.Thread | None = None
+        self.known_pids: set[int] = set()
+
+    def start(self, *extra: str, command: str = "serve", wait_ready: bool = True) -> Server:
+        argv = [sys.executable, "-m", "mpnet", command]
+        if self.config_path.exists():
+            argv += ["-c", str(self.config_path)]
+        argv += self.args + list(extra)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(self.env or {}))
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=self.directory,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+        self.known_pids.add(self.proc.pid)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if wait_ready:
+            self.wait_log(r"\bready: \d+ worker", what="the master to report ready")
+        return self
+
+    def _read(self) -> None:
+        assert self.proc and self.proc.stdout
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace")
+            with self._lock:
+                self._lines.append(line)
+                self._lock.notify_all()
+        with self._lock:
+            self._lines.append("")  # EOF marker keeps waiters from spinning forever
+            self._lock.notify_all()
+
+    @property
+    def log(self) -> str:
+        with self._lock:
+            return "".join(self._lines)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def wait_log(
+        self, pattern: str, timeout: float = DEADLINE, count: int = 1, what: str = ""
+    ) -> re.Match[str]:
+        """Wait until *pattern* has matched *count* times in the log; return the last match."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                matches = list(regex.finditer("".join(self._lines)))
+                if len(matches) >= count:
+                    return matches[count - 1]
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.proc and self.proc.poll() is not None and
+                                      self._lines and self._lines[-1] == ""):
+                    raise AssertionError(
+                        f"log never showed {what or pattern!r} ({count}x); log:\n"
+                        + "".join(self._lines)
+                    )
+                self._lock.wait(min(remaining, 0.2))
+
+    def port(self, service: str) -> int:
+        """The real port of *service* as the master logged it."""
+        match = self.wait_log(rf"service {service} \(module \w+\) -> [^\n]*?:(\d+)")
+        return int(match.group(1))
+
+    def workers(self) -> list[psutil.Process]:
+        try:
+            children = psutil.Process(self.pid).children()
+        except psutil.NoSuchProcess:
+            return []
+        self.known_pids.update(child.pid for child in children)
+        return [c for c in children if c.status() != psutil.STATUS_ZOMBIE]
+
+    def worker_pids(self) -> set[int]:
+        return {p.pid for p in self.workers()}
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signum)
+
+    def wait_exit(self, timeout: float = DEADLINE) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"mpnet did not exit within {timeout}s; log:\n{self.log}") from None
+
+    def stop(self) -> None:
+        """Stop everything this server started, by PID; used in fixtures' teardown."""
+        if self.proc is None:
+            return
+        self.workers()
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        for pid in self.known_pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        if self._reader:
+            self._reader.join(2)
+
+
+def run_mpnet(directory: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run a short mpnet command (``check``, a failing ``serve``...) to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", "mpnet", *args],
+        cwd=directory,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def config(modules: list[str], **keys: Any) -> str:
+    """A TOML config: ``config(["echo"], workers=2, echo_ports=[0])``."""
+    lines = [f"modules = {_toml(modules)}", 'interfaces = ["127.0.0.1"]']
+    for key, value in keys.items():
+        lines.append(f"{key} = {_toml(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return str(value)

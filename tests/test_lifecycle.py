@@ -1,0 +1,213 @@
+"""Workers: several serve, crashes are replaced on the same sockets, stops are clean."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+
+from harness import Client, config, wait_for
+
+PID_MODULE = """
+import os
+class listener:
+    def onconnect(conn):
+        conn.write(f"{os.getpid()}\\n")
+    def onincoming(conn, data):
+        conn.write(data)
+module.provides("net", listener=listener, default_port=0)
+"""
+
+
+def _pid_of_server(port: int) -> int:
+    with Client(port) as client:
+        return int(client.read_until(b"\n"))
+
+
+def test_several_workers_serve_connections(mpnet, write_module):
+    path = write_module("pid", PID_MODULE)
+    server = mpnet(config([str(path)], workers=2))
+    port = server.port("pid")
+    seen: set[int] = set()
+    wait_for(lambda: seen.add(_pid_of_server(port)) or len(seen) >= 2, what="two workers")
+    assert seen == server.worker_pids()
+
+
+def test_raising_callback_is_logged_and_everything_carries_on(mpnet, write_module):
+    path = write_module(
+        "fragile",
+        "class listener:\n"
+        "    def onincoming(conn, data):\n"
+        "        if data.startswith(b'boom'):\n"
+        "            raise ValueError('kaboom')\n"
+        "        conn.write(data)\n"
+        'module.provides("net", listener=listener, default_port=0)\n',
+    )
+    server = mpnet(config([str(path)], workers=1))
+    port = server.port("fragile")
+    with Client(port) as victim, Client(port) as bystander:
+        victim.send("boom\n")
+        server.wait_log(r"\[fragile\] error: onincoming failed for connection")
+        assert "ValueError: kaboom" in server.log
+        assert "Traceback" in server.log
+        victim.send("still here\n")
+        assert victim.read_until(b"\n") == b"still here\n"
+        bystander.send("fine\n")
+        assert bystander.read_until(b"\n") == b"fine\n"
+
+
+def test_async_callbacks_run_in_order(mpnet, write_module):
+    path = write_module(
+        "slow",
+        "import asyncio, random\n"
+        "class listener:\n"
+        "    async def onconnect(conn):\n"
+        "        await asyncio.sleep(0.05)\n"
+        "        conn.write('hello\\n')\n"
+        "    async def onincoming(conn, data):\n"
+        "        await asyncio.sleep(random.random() / 100)\n"
+        "        conn.write(data)\n"
+        'module.provides("net", listener=listener, default_port=0)\n',
+    )
+    server = mpnet(config([str(path)], workers=1))
+    with Client(server.port("slow")) as client:
+        for index in range(50):
+            client.send(f"{index},")
+        assert client.read_until(b"hello\n") == b"hello\n"
+        expected = "".join(f"{index}," for index in range(50)).encode()
+        assert client.read_exactly(len(expected)) == expected
+
+
+def _steady_connects(port: int, stop: threading.Event, failures: list, served: list) -> None:
+    while not stop.is_set():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                data = b""
+                while not data.endswith(b"\n"):
+                    chunk = sock.recv(100)
+                    if not chunk:
+                        raise ConnectionError(f"closed after {data!r}")
+                    data += chunk
+                served.append(int(data))
+        except OSError as exc:
+            failures.append(repr(exc))
+
+
+def test_kill_9_worker_is_replaced_without_refusing_anyone(mpnet, write_module):
+    path = write_module("pid", PID_MODULE)
+    server = mpnet(config([str(path)], workers=2))
+    port = server.port("pid")
+    before = server.worker_pids()
+    stop = threading.Event()
+    failures: list[str] = []
+    served: list[int] = []
+    clients = [
+        threading.Thread(target=_steady_connects, args=(port, stop, failures, served))
+        for _ in range(4)
+    ]
+    for thread in clients:
+        thread.start()
+    try:
+        wait_for(lambda: len(served) > 50, what="steady connections")
+        victim = min(before)
+        server.signal  # noqa: B018 - the master is untouched; the worker gets the signal
+        import os
+
+        os.kill(victim, signal.SIGKILL)
+        server.wait_log(rf"pid {victim}\) killed by signal SIGKILL; replacing it")
+        wait_for(lambda: len(server.worker_pids() - before) == 1, what="a replacement worker")
+        replacement = (server.worker_pids() - before).pop()
+        mark = len(served)
+        wait_for(lambda: replacement in served[mark:], what="the replacement to serve")
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join(15)
+    assert failures == []
+    assert victim not in served[mark:]
+
+
+def test_graceful_stop_lets_connections_finish(mpnet, write_module):
+    path = write_module(
+        "bye",
+        "class listener:\n"
+        "    def onincoming(conn, data):\n"
+        "        conn.write(data)\n"
+        "    def ondisconnect(conn, err):\n"
+        "        module.log('info', 'gone: %s', err)\n"
+        'module.provides("net", listener=listener, default_port=0)\n',
+    )
+    server = mpnet(config([str(path)], workers=2, graceful_timeout=30))
+    port = server.port("bye")
+    client = Client(port)
+    client.send("before\n")
+    assert client.read_until(b"\n") == b"before\n"
+    server.signal(signal.SIGTERM)
+    server.wait_log(r"graceful stop \(SIGTERM\)")
+    wait_for(lambda: _refused(port), what="the port to stop accepting")
+    client.send("during\n")
+    assert client.read_until(b"\n") == b"during\n"
+    client.close()
+    assert server.wait_exit() == 0
+    assert "gone: None" in server.log
+
+
+def test_graceful_timeout_closes_lingering_connections(mpnet, write_module):
+    path = write_module(
+        "bye",
+        "class listener:\n"
+        "    def onincoming(conn, data):\n"
+        "        conn.write(data)\n"
+        "    def ondisconnect(conn, err):\n"
+        "        module.log('info', 'gone: %s', err)\n"
+        'module.provides("net", listener=listener, default_port=0)\n',
+    )
+    server = mpnet(config([str(path)], workers=1, graceful_timeout=1))
+    with Client(server.port("bye")) as client:
+        client.send("x\n")
+        client.read_until(b"\n")
+        started = time.monotonic()
+        server.signal(signal.SIGTERM)
+        assert client.read_to_eof(timeout=15) == b""
+        assert server.wait_exit() == 0
+    assert time.monotonic() - started < 10
+    assert "gone: server shutting down" in server.log
+
+
+def test_quick_stop(mpnet):
+    server = mpnet(config(["echo"], workers=2, echo_ports=[0], graceful_timeout=60))
+    with Client(server.port("echo")) as client:
+        client.read_until(b"\n")
+        server.signal(signal.SIGINT)
+        assert client.read_to_eof(timeout=10) == b""
+    assert server.wait_exit(10) == 0
+    assert "quick stop (SIGINT)" in server.log
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_module_failing_only_in_workers_does_not_restart_loop(mpnet, write_module, tmp_path):
+    # Loads in the checker, fails in workers: the start fails with the worker's error.
+    path = write_module(
+        "flaky",
+        "import os\n"
+        "if os.environ.get('MPNET_TEST_CHECKER') is None and __import__('mpnet.log').log._role"
+        " != 'checker':\n"
+        "    raise RuntimeError('worker-only failure')\n"
+        "class listener:\n"
+        "    def onconnect(conn):\n"
+        "        conn.write('hi')\n"
+        'module.provides("net", listener=listener, default_port=0)\n',
+    )
+    server = mpnet(config([str(path)], workers=2), start=False)
+    server.start(wait_ready=False)
+    assert server.wait_exit() == 1
+    assert "cannot start" in server.log
+    assert "worker-only failure" in server.log
