@@ -232,12 +232,16 @@ def start_server(kind: str, workdir: Path, args: argparse.Namespace) -> Server:
     log = workdir / f"{kind}-{port}.log"
     if kind == "mpnet":
         config = workdir / f"mpnet-{port}.toml"
-        config.write_text(
+        text = (
             "workers = 1\n"
             f"modules = [{json.dumps(str(ECHO_RAW))}]\n"
             'interfaces = ["127.0.0.1"]\n'
             f"echo_raw_ports = [{port}]\n"
         )
+        if os.geteuid() == 0:
+            # mpnet refuses to run its workers as root unless told to (or given `user`).
+            text += "allow_root = true\n"
+        config.write_text(text)
         cmd = [*args.mpnet_cmd, "serve", "-c", str(config), "--workers", "1"]
     else:
         loop = "uvloop" if kind == "uvloop" else "asyncio"

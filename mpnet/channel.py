@@ -233,30 +233,35 @@ class MasterChannel:
     The master never blocks on a worker: ``send`` queues and writes what the socket takes now;
     the rest goes out when the selector reports the socket writable (``flush``). If a worker
     stops reading and its queue passes ``max_backlog`` bytes, ``send`` raises ChannelError so the
-    master can cut that worker off rather than grow without bound.
+    master can cut that worker off rather than grow without bound: ``send`` then drops the
+    queue and sets ``failed`` to the reason, which the master checks once per loop.
     """
 
     def __init__(self, sock: socket.socket, max_backlog: int = 256 * 1024 * 1024) -> None:
         sock.setblocking(False)
         self.sock = sock
+        self._fd = sock.fileno()  # stays valid as a selector key after close
         self._decoder = FrameDecoder()
         self._out = bytearray()
         self._max_backlog = max_backlog
         self.closed = False
+        self.failed: str | None = None
 
     def fileno(self) -> int:
-        return self.sock.fileno()
+        return self._fd
 
     def send(self, message: Any) -> None:
         self.send_frame(encode(message))
 
     def send_frame(self, frame: bytes) -> None:
         """Queue an already encoded frame (a broadcast is encoded once for every worker)."""
-        if self.closed:
+        if self.closed or self.failed:
             return
         self._out += frame
         if len(self._out) > self._max_backlog:
-            raise ChannelError(f"worker is not reading its channel ({len(self._out)} bytes queued)")
+            self.failed = f"it is not reading its channel ({len(self._out)} bytes queued)"
+            self._out.clear()
+            return
         self.flush()
 
     def flush(self) -> None:

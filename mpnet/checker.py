@@ -32,7 +32,9 @@ def _child(config: Config, write_fd: int) -> None:
         signal.signal(signum, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
     try:
-        loaded = load_modules(config)
+        from .worker import drop_privileges
+
+        loaded = load_modules(config, before_run=lambda: drop_privileges(config))
         result: dict[str, Any] = {
             "ok": True,
             "services": [provider.describe() for provider in loaded.providers],

@@ -26,6 +26,8 @@ DEFAULT_CONFIG = """\
 workers = "auto"
 modules = ["echo", "lastsaid"]
 interfaces = ["127.0.0.1"]
+# A loopback demo: started as root (say in a container) its workers keep root rather than refuse.
+allow_root = true
 """
 
 LOG_LEVELS = ("debug", "info", "warn", "warning", "error")

@@ -69,6 +69,19 @@ def _open_handler(log_file: str | None) -> logging.Handler:
     return handler
 
 
+def stream() -> TextIO:
+    """The file the log goes to (for faulthandler, which writes to a file descriptor)."""
+    if isinstance(_handler, logging.StreamHandler):
+        return _handler.stream
+    return sys.stderr
+
+
+def flush() -> None:
+    """Flush the handler (before a fork, so the child does not write the parent's buffer)."""
+    if _handler is not None:
+        _handler.flush()
+
+
 def reopen() -> None:
     """Reopen the log file (after logrotate moved it away: SIGUSR1)."""
     if isinstance(_handler, logging.FileHandler):

@@ -2,13 +2,13 @@
 
 Like gunicorn's arbiter, signal handlers only queue the signal and wake the loop; everything
 happens in one place, :meth:`Master._handle_signal`, between waits. The master never loads user
-modules (a :mod:`checker` process does, see :mod:`mpnet.checker`), so a broken module cannot take
-it down.
+modules (a checker process does, see :mod:`mpnet.checker`), so a broken module cannot take it down.
 
 Each pass of the loop reconciles the workers with the desired state: for every slot one *ready*
 worker of the current generation. A crashed worker is replaced in its slot (with back-off if it
-keeps crashing); after a reload the next generation's worker starts in a slot, and only once it is
-ready is the previous one told to drain; slots beyond the wanted count are drained and removed.
+keeps crashing). After a reload, or for a worker to be recycled, a successor starts in the slot and
+only once it is ready is the predecessor told to drain; a reload replaces one slot at a time. Slots
+beyond the wanted count are drained and removed.
 """
 
 from __future__ import annotations
@@ -22,16 +22,18 @@ import signal
 import socket
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from . import log as mpnet_log
 from .channel import ChannelError, MasterChannel
 from .checker import CheckFailed, check_modules
 from .config import Config, ConfigError
+from .control import ControlServer, default_socket_path, service_uids
 from .portmanager import PortConflict, PortLedger, ServicePlan, plan_services
-from .shared import SharedMaster
-from .worker import EXIT_BOOT_ERROR, worker_process
+from .shared import SharedMaster, StateFileError
+from .worker import EXIT_BOOT_ERROR, uvloop, worker_process
 
 log = logging.getLogger("mpnet.master")
 
@@ -48,6 +50,10 @@ HANDLED_SIGNALS = (
 BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
 HEALTHY_AFTER = 10.0  # a worker that ran this long resets its slot's crash back-off
+TRACEBACK_GRACE = 1.0  # time a blocked worker gets to write its traceback before SIGKILL
+MEMORY_CHECK_EVERY = 5.0
+STATUS_EVERY = 5.0
+TCP_MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
 
 
 class StartError(Exception):
@@ -63,14 +69,18 @@ class WorkerHandle:
     generation: int
     channel: MasterChannel
     started: float
-    state: str = "booting"  # booting -> ready -> draining (or stopping)
+    state: str = "booting"  # booting -> ready -> draining; or stopping when the service stops
     ready_at: float | None = None
     last_heartbeat: float = 0.0
     connections: int = 0
     served: int = 0
     boot_error: str | None = None
-    kill_at: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    recycle: bool = False  # to be replaced by a fresh worker (memory limit)
+    kill_at: float | None = None  # SIGKILL after this time (drain deadline, traceback grace)
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("booting", "ready")
 
 
 def describe_exit(status: int) -> str:
@@ -84,27 +94,32 @@ def describe_exit(status: int) -> str:
 
 
 class Master:
-    """Owns the listening sockets, the worker processes and the shared state."""
+    """Owns the listening sockets, the worker processes, the shared state and the control socket."""
 
     def __init__(self, config: Config, reload_config: Any = None) -> None:
         self.config = config
-        self._reload_config = reload_config  # callable returning a fresh Config, for SIGHUP
+        self._reload_config = reload_config  # returns a fresh Config, for reloads
         self.slots = config.worker_count
         self.generation = 0
         self.ledger = PortLedger(config["backlog"])
         self.workers: dict[int, WorkerHandle] = {}
-        self.state = "starting"
+        self.state = "starting"  # starting -> running -> stopped
         self.stop_mode: str | None = None
         self.stop_deadline = 0.0
         self.start_error: str | None = None
+        self.reloading = False
         self.signal_queue: deque[int] = deque()
         self.selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
         self._respawn_at: dict[int, float] = {}
         self._backoff: dict[int, float] = {}
         self.shared = SharedMaster(config)
+        self.control: ControlServer | None = None
         self.notifier: Any = None  # systemd notifier, set by the CLI when running under systemd
         self.started_at = time.time()
+        self._next_memory_check = 0.0
+        self._next_status = 0.0
+        self._next_watchdog = 0.0
 
     # -- public entry -------------------------------------------------------------------------
 
@@ -118,13 +133,16 @@ class Master:
                 log.error("cannot start: %s", exc)
                 self._stop_workers_now()
                 return 1
-            self._notify_ready()
+            if self.notifier is not None:
+                self.notifier.ready(self._status_line())
             while self.state != "stopped":
                 self._loop_once()
             log.info("stopped")
             return 0
         finally:
             self.ledger.close_all()
+            if self.control is not None:
+                self.control.close()
             self.shared.close()
 
     # -- start-up -----------------------------------------------------------------------------
@@ -141,9 +159,10 @@ class Master:
         plans = self._prepare(self.config)
         try:
             self.ledger.apply(plans, self.slots)
-        except PortConflict as exc:
+            self.shared.open()
+        except (PortConflict, StateFileError, OSError) as exc:
             raise StartError(str(exc)) from None
-        self.shared.open()
+        self._open_control()
         for line in self.ledger.describe():
             log.info("service %s", line)
         self.generation = 1
@@ -151,7 +170,7 @@ class Master:
         while not self._all_ready():
             if self.start_error:
                 raise StartError(self.start_error)
-            if self.state == "stopped" or self.stop_mode:
+            if self.stop_mode:
                 raise StartError("stopped during start-up")
             if time.monotonic() > deadline:
                 raise StartError("workers did not become ready within boot_timeout")
@@ -161,16 +180,38 @@ class Master:
             "ready: %d worker(s), pid %d, %s",
             self.slots,
             os.getpid(),
-            "uvloop" if _has_uvloop() else "asyncio",
+            "uvloop" if uvloop is not None else "asyncio",
         )
 
+    def _open_control(self) -> None:
+        configured = self.config["control_socket"]
+        path = self.config.resolve_path(configured) if configured else default_socket_path()
+        try:
+            self.control = ControlServer(
+                path, self.handle_request, service_uids(self.config["user"]), log
+            )
+        except OSError as exc:
+            if configured:
+                raise StartError(f"control socket {path}: {exc}") from None
+            log.warning("no control socket (%s); mpnet status/reload/stop will not work", exc)
+            return
+        self.selector.register(self.control, selectors.EVENT_READ, "control")
+        log.debug("control socket at %s", path)
+
     def _all_ready(self) -> bool:
-        ready = {
-            h.slot
-            for h in self.workers.values()
-            if h.generation == self.generation and h.state == "ready"
-        }
+        ready = {h.slot for h in self._current() if h.state == "ready"}
         return len(ready) >= self.slots
+
+    def _current(self) -> list[WorkerHandle]:
+        """Workers of the current generation that are neither draining nor to be recycled."""
+        return [
+            h
+            for h in self.workers.values()
+            if h.generation == self.generation and h.active and not h.recycle
+        ]
+
+    def _outdated(self, handle: WorkerHandle) -> bool:
+        return handle.active and (handle.generation < self.generation or handle.recycle)
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -179,11 +220,17 @@ class Master:
         while self.signal_queue:
             self._handle_signal(self.signal_queue.popleft())
         self._reap()
+        for handle in list(self.workers.values()):
+            if handle.channel.failed and not handle.channel.closed:
+                self._cut_off(handle, handle.channel.failed)
         if self.stop_mode:
             self._progress_stop()
         else:
             self._reconcile()
             self._check_health()
+            self._systemd_tick()
+        if self.control is not None:
+            self.control.expire()
         self.shared.tick()
 
     def _next_timeout(self) -> float:
@@ -199,16 +246,34 @@ class Master:
         except InterruptedError:
             return
         for key, mask in events:
-            if key.data is None:
+            data = key.data
+            if data is None:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
-                continue
-            handle: WorkerHandle = key.data
-            if mask & selectors.EVENT_WRITE:
-                handle.channel.flush()
-            if mask & selectors.EVENT_READ:
-                self._read_channel(handle)
-            self._update_interest(handle)
+            elif data == "control":
+                assert self.control is not None
+                for client in self.control.accept():
+                    self.selector.register(client, selectors.EVENT_READ, client)
+            elif isinstance(data, WorkerHandle):
+                if mask & selectors.EVENT_WRITE:
+                    data.channel.flush()
+                if mask & selectors.EVENT_READ:
+                    self._read_channel(data)
+                self._update_interest(data)
+            else:
+                self._control_client_event(data, mask)
+
+    def _control_client_event(self, client: Any, mask: int) -> None:
+        assert self.control is not None
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(client)
+        if mask & selectors.EVENT_READ:
+            self.control.on_readable(client)
+        elif mask & selectors.EVENT_WRITE:
+            self.control.on_writable(client)
+        if client.sock.fileno() != -1:  # still talking: wait for more in or room out
+            events = selectors.EVENT_WRITE if client.outbox else selectors.EVENT_READ
+            self.selector.register(client, events, client)
 
     def _update_interest(self, handle: WorkerHandle) -> None:
         channel = handle.channel
@@ -250,20 +315,19 @@ class Master:
 
     def _on_message(self, handle: WorkerHandle, message: list[Any]) -> None:
         kind = message[0]
-        now = time.monotonic()
         if kind == "heartbeat":
-            handle.last_heartbeat = now
+            handle.last_heartbeat = time.monotonic()
             handle.connections, handle.served = int(message[1]), int(message[2])
         elif kind == "ready":
-            handle.state = "ready" if handle.state == "booting" else handle.state
-            handle.ready_at = handle.last_heartbeat = now
+            if handle.state == "booting":
+                handle.state = "ready"
+            handle.ready_at = handle.last_heartbeat = time.monotonic()
             log.info(
                 "worker %d (pid %d, generation %d) ready",
                 handle.slot,
                 handle.pid,
                 handle.generation,
             )
-            self._on_worker_ready(handle)
         elif kind == "boot_error":
             handle.boot_error = str(message[1])
         elif kind == "stopped":
@@ -272,14 +336,7 @@ class Master:
             raise ChannelError(f"unknown message kind {kind!r}")
 
     def _live_channels(self) -> list[tuple[WorkerHandle, MasterChannel]]:
-        return [
-            (h, h.channel)
-            for h in self.workers.values()
-            if not h.channel.closed and h.state != "stopping"
-        ]
-
-    def _on_worker_ready(self, handle: WorkerHandle) -> None:
-        """Hook for reloads and health bookkeeping (the next slot may be replaced)."""
+        return [(h, h.channel) for h in self.workers.values() if not h.channel.closed]
 
     # -- signals ------------------------------------------------------------------------------
 
@@ -302,6 +359,8 @@ class Master:
             self.begin_stop("graceful", name)
         elif signum in (signal.SIGINT, signal.SIGQUIT):
             self.begin_stop("quick", name)
+        elif self.stop_mode:
+            log.info("%s ignored: stopping", name)
         elif signum == signal.SIGHUP:
             self.reload()
         elif signum == signal.SIGTTIN:
@@ -317,6 +376,7 @@ class Master:
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         sockets = self.ledger.slot_sockets(slot)
         self.shared.before_fork()
+        mpnet_log.flush()
         pid = os.fork()
         if pid == 0:  # the child: drop everything of the master's, then become the worker
             try:
@@ -337,7 +397,6 @@ class Master:
         )
         self.workers[pid] = handle
         self.selector.register(handle.channel, selectors.EVENT_READ, handle)
-        self._update_interest(handle)
         log.debug("worker %d started (pid %d, generation %d)", slot, pid, self.generation)
         return handle
 
@@ -350,11 +409,11 @@ class Master:
         os.close(self._wake_w)
         for handle in self.workers.values():
             handle.channel.sock.close()
-        keep = {
-            id(sock)
-            for binding_sockets in self.ledger.slot_sockets(slot).values()
-            for _, sock in binding_sockets
-        }
+        if self.control is not None:
+            self.control.sock.close()
+            for client in self.control.clients.values():
+                client.sock.close()
+        keep = {id(sock) for pairs in self.ledger.slot_sockets(slot).values() for _, sock in pairs}
         for sock in self.ledger.all_sockets():
             if id(sock) not in keep:
                 sock.close()
@@ -379,6 +438,8 @@ class Master:
             handle = self.workers.pop(pid, None)
             if handle is None:
                 continue
+            if not handle.channel.closed:
+                self._read_channel(handle)  # a last boot_error may still be in the socket
             self._close_channel(handle)
             self._on_worker_exit(handle, status)
 
@@ -405,25 +466,25 @@ class Master:
 
     def _schedule_respawn(self, handle: WorkerHandle) -> None:
         now = time.monotonic()
-        lived = now - (handle.ready_at or handle.started)
-        if handle.ready_at is not None and lived >= HEALTHY_AFTER:
+        if handle.ready_at is not None and now - handle.ready_at >= HEALTHY_AFTER:
             self._backoff.pop(handle.slot, None)
             return  # replaced at once by _reconcile
         delay = min(self._backoff.get(handle.slot, BACKOFF_START / 2) * 2, BACKOFF_MAX)
         self._backoff[handle.slot] = delay
         self._respawn_at[handle.slot] = now + delay
-        log.warning("worker %d crashed soon after start; next attempt in %.1fs", handle.slot, delay)
+        log.warning(
+            "worker %d failed soon after starting; next attempt in %.1fs (crash back-off)",
+            handle.slot,
+            delay,
+        )
 
     def _reconcile(self) -> None:
         """Bring the workers to the desired state (see the module docstring)."""
         now = time.monotonic()
-        current: dict[int, WorkerHandle] = {}
-        for handle in self.workers.values():
-            if handle.generation == self.generation and handle.state in ("booting", "ready"):
-                current[handle.slot] = handle
-        replacing = (
-            any(h.state == "booting" and h.generation == self.generation for h in current.values())
-            and self._has_old_workers()
+        current = {h.slot: h for h in self._current()}
+        # A reload replaces one slot at a time: no new successor while one is still booting.
+        replacing = any(
+            h.state == "booting" and self._predecessor(h.slot) is not None for h in current.values()
         )
         for slot in range(self.slots):
             if slot in current or self.start_error:
@@ -431,38 +492,33 @@ class Master:
             when = self._respawn_at.get(slot)
             if when is not None and when > now:
                 continue
-            if replacing and self._old_worker(slot) is not None:
-                continue  # a reload replaces one slot at a time
+            has_predecessor = self._predecessor(slot) is not None
+            if replacing and has_predecessor:
+                continue
             self._respawn_at.pop(slot, None)
             current[slot] = self._spawn(slot)
-            if self._old_worker(slot) is not None:
-                replacing = True
+            replacing = replacing or has_predecessor
         for handle in list(self.workers.values()):
-            if handle.state not in ("booting", "ready"):
+            if not handle.active:
                 continue
             if handle.slot >= self.slots:
                 self._retire(handle, "worker count lowered")
-            elif handle.generation < self.generation:
+            elif self._outdated(handle):
                 successor = current.get(handle.slot)
                 if successor is not None and successor.state == "ready":
-                    self._retire(handle, f"replaced by generation {self.generation}")
+                    why = (
+                        "recycled"
+                        if handle.recycle
+                        else f"replaced by generation {self.generation}"
+                    )
+                    self._retire(handle, why)
         self._finish_transitions()
 
-    def _old_worker(self, slot: int) -> WorkerHandle | None:
+    def _predecessor(self, slot: int) -> WorkerHandle | None:
         for handle in self.workers.values():
-            if (
-                handle.slot == slot
-                and handle.generation < self.generation
-                and handle.state in ("booting", "ready")
-            ):
+            if handle.slot == slot and self._outdated(handle):
                 return handle
         return None
-
-    def _has_old_workers(self) -> bool:
-        return any(
-            h.generation < self.generation and h.state in ("booting", "ready")
-            for h in self.workers.values()
-        )
 
     def _retire(self, handle: WorkerHandle, why: str) -> None:
         """Graceful: stop accepting, drain up to graceful_timeout, exit."""
@@ -472,23 +528,29 @@ class Master:
         self._kill(handle, signal.SIGTERM)
 
     def _finish_transitions(self) -> None:
-        """Close what no worker needs any more once the workers using it are gone."""
-        busy_slots = {h.slot for h in self.workers.values()}
-        if all(slot < self.slots for slot in busy_slots):
-            self.ledger.shrink_slots(self.slots)
-        if not self._has_old_workers() and not any(
-            h.state == "draining" and h.generation < self.generation for h in self.workers.values()
-        ):
+        """Close what no worker needs any more, once the workers that used it are gone."""
+        if all(h.slot < self.slots for h in self.workers.values()):
+            for slot in self.ledger.shrink_slots(self.slots):
+                log.debug("closed the sockets of slot %d", slot)
+        old_left = any(h.generation < self.generation for h in self.workers.values())
+        if not old_left:
             for binding in self.ledger.release_unplanned():
                 log.info(
                     "closed %s (service %s no longer listens there)",
                     binding.address,
                     binding.service,
                 )
+        if self.reloading and not old_left and self._all_ready():
+            self.reloading = False
+            log.info("reload complete: generation %d serves every slot", self.generation)
+            if self.notifier is not None:
+                self.notifier.ready(self._status_line())
 
     def _check_health(self) -> None:
-        """Drain timeouts: a draining worker past its deadline is killed."""
+        """Blocked event loops, drain deadlines and the memory limit."""
         now = time.monotonic()
+        worker_timeout = float(self.config["worker_timeout"])
+        boot_timeout = float(self.config["boot_timeout"])
         for handle in list(self.workers.values()):
             if handle.kill_at is not None and now > handle.kill_at:
                 log.warning(
@@ -496,61 +558,150 @@ class Master:
                 )
                 handle.kill_at = None
                 self._kill(handle, signal.SIGKILL)
+                continue
+            if handle.kill_at is not None:
+                continue
+            if handle.state == "booting":
+                silent, limit, what = now - handle.started, boot_timeout, "boot_timeout"
+            else:
+                silent, limit, what = now - handle.last_heartbeat, worker_timeout, "worker_timeout"
+            if worker_timeout and silent > limit:
+                log.error(
+                    "worker %d (pid %d): event loop blocked for %.1fs (%s %gs); "
+                    "its traceback follows, then it is killed and replaced",
+                    handle.slot,
+                    handle.pid,
+                    silent,
+                    what,
+                    limit,
+                )
+                self._kill(handle, signal.SIGUSR2)  # faulthandler dumps every thread's stack
+                handle.kill_at = now + TRACEBACK_GRACE
+        limit = self.config["max_worker_memory"]
+        if limit and now >= self._next_memory_check:
+            self._next_memory_check = now + MEMORY_CHECK_EVERY
+            self._check_memory(int(limit))
+
+    def _check_memory(self, limit: int) -> None:
+        import psutil
+
+        for handle in list(self.workers.values()):
+            if handle.state != "ready" or handle.recycle:
+                continue
+            try:
+                rss = psutil.Process(handle.pid).memory_info().rss
+            except psutil.Error:
+                continue
+            if rss > limit:
+                log.warning(
+                    "worker %d (pid %d) uses %d bytes (max_worker_memory %d): recycling it",
+                    handle.slot,
+                    handle.pid,
+                    rss,
+                    limit,
+                )
+                handle.recycle = True
+
+    def _systemd_tick(self) -> None:
+        notifier = self.notifier
+        if notifier is None:
+            return
+        now = time.monotonic()
+        interval = notifier.watchdog_interval()
+        if interval and now >= self._next_watchdog and self._healthy():
+            notifier.watchdog()
+            self._next_watchdog = now + interval
+        if now >= self._next_status:
+            notifier.status(self._status_line())
+            self._next_status = now + STATUS_EVERY
+
+    def _healthy(self) -> bool:
+        """Every ready worker's loop answered within worker_timeout (the watchdog's condition)."""
+        now = time.monotonic()
+        limit = float(self.config["worker_timeout"]) or float("inf")
+        return all(
+            now - h.last_heartbeat < limit for h in self.workers.values() if h.state == "ready"
+        )
+
+    def _status_line(self) -> str:
+        ready = sum(1 for h in self.workers.values() if h.state == "ready")
+        connections = sum(h.connections for h in self.workers.values())
+        return f"{ready}/{self.slots} workers ready, {connections} connections"
 
     # -- operations ---------------------------------------------------------------------------
 
-    def set_worker_count(self, count: int, why: str = "") -> None:
+    def set_worker_count(self, count: int, why: str = "") -> str:
         if count < 1:
-            log.warning("%s: keeping the last worker (at least one is needed)", why or "workers")
-            return
+            message = "keeping the last worker (at least one is needed)"
+            log.warning("%s: %s", why or "workers", message)
+            return message
         if count > self.slots:
-            self.ledger.ensure_slots(count)
-        log.info("worker count %d -> %d%s", self.slots, count, f" ({why})" if why else "")
+            try:
+                self.ledger.ensure_slots(count)
+            except PortConflict as exc:
+                log.error("cannot add workers: %s", exc)
+                return f"cannot add workers: {exc}"
+        elif count < self.slots and not _migrates_queued_connections():
+            log.warning(
+                "removing slots: connections still queued on their sockets may be reset; "
+                "set net.ipv4.tcp_migrate_req = 1 so the kernel moves them to other workers"
+            )
+        message = f"worker count {self.slots} -> {count}" + (f" ({why})" if why else "")
+        log.info("%s", message)
         self.slots = count
+        return message
 
-    def reload(self) -> bool:
+    def reload(self) -> tuple[bool, str]:
         """Re-read config and modules; if valid, replace the workers slot by slot."""
         log.info("reloading")
-        if self._reload_config is None:
-            log.error("reload failed: no config source to re-read")
-            return False
+        if self.notifier is not None:
+            self.notifier.reloading()
         try:
+            if self._reload_config is None:
+                raise ConfigError("no config source to re-read")
             config: Config = self._reload_config()
+            slots = self.slots
             if config.values["workers"] != self.config.values["workers"]:
-                self.slots = config.worker_count
+                slots = config.worker_count  # the config changed it; else keep TTIN/TTOU's count
             plans = self._prepare(config)
-            self.ledger.apply(plans, self.slots)
+            self.ledger.apply(plans, slots)
         except (ConfigError, StartError, PortConflict) as exc:
             log.error("reload failed, still serving the previous configuration: %s", exc)
-            return False
+            if self.notifier is not None:
+                self.notifier.ready(self._status_line())
+            return False, str(exc)
         mpnet_log.setup(config["log_level"], config["log_file"])
         self.config = config
+        self.slots = slots
         self.generation += 1
+        self.reloading = True
         for line in self.ledger.describe():
             log.info("service %s", line)
-        log.info("reload accepted: starting generation %d", self.generation)
-        return True
+        message = f"reload accepted: starting generation {self.generation}"
+        log.info("%s", message)
+        return True, message
 
     def reopen_logs(self) -> None:
         mpnet_log.reopen()
+        log.info("log file reopened")
         for handle in self.workers.values():
             self._kill(handle, signal.SIGUSR1)
 
     def begin_stop(self, mode: str, why: str) -> None:
-        if self.stop_mode == "quick" or (self.stop_mode == mode):
+        if self.stop_mode == "quick" or self.stop_mode == mode:
             return
         log.info("%s stop (%s)", mode, why)
         self.stop_mode = mode
-        timeout = (
-            self.config["graceful_timeout"] if mode == "graceful" else self.config["quick_timeout"]
-        )
-        self.stop_deadline = time.monotonic() + float(timeout) + 5.0
+        key = "graceful_timeout" if mode == "graceful" else "quick_timeout"
+        self.stop_deadline = time.monotonic() + float(self.config[key]) + 5.0
         for handle in self.workers.values():
             handle.state = "stopping"
             self._kill(handle, signal.SIGTERM if mode == "graceful" else signal.SIGQUIT)
         self.ledger.close_all()
         if self.notifier is not None:
             self.notifier.stopping()
+            if mode == "graceful" and self.workers:
+                self.notifier.extend_timeout(float(self.config[key]) + 10.0)
 
     def _progress_stop(self) -> None:
         if not self.workers:
@@ -573,14 +724,77 @@ class Master:
                 os.waitpid(pid, 0)
             self.workers.pop(pid, None)
 
-    def _notify_ready(self) -> None:
-        if self.notifier is not None:
-            self.notifier.ready(f"{self.slots} workers")
+    # -- control socket -----------------------------------------------------------------------
+
+    def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One control-socket request (see :mod:`mpnet.control`)."""
+        command = request.get("command")
+        if command == "status":
+            return {"ok": True, "status": self.status()}
+        if command == "reload":
+            if self.stop_mode:
+                return {"ok": False, "error": "stopping"}
+            ok, message = self.reload()
+            if not ok:
+                return {"ok": False, "error": f"reload failed: {message}"}
+            return {"ok": True, "message": message, "generation": self.generation}
+        if command == "stop":
+            mode = "quick" if request.get("mode") == "quick" else "graceful"
+            self.begin_stop(mode, "control socket")
+            return {"ok": True, "message": f"{mode} stop started"}
+        if command == "workers":
+            count = request.get("count")
+            if type(count) is not int or not 1 <= count <= 1024:
+                return {"ok": False, "error": "workers: expected a count from 1 to 1024"}
+            return {"ok": True, "message": self.set_worker_count(count, "control socket")}
+        return {"ok": False, "error": f"unknown command {command!r}"}
+
+    def status(self) -> dict[str, Any]:
+        import psutil
+
+        now = time.monotonic()
+        workers = []
+        for handle in sorted(self.workers.values(), key=lambda h: (h.slot, h.generation)):
+            cpu = rss = None
+            with contextlib.suppress(psutil.Error):
+                process = psutil.Process(handle.pid)
+                with process.oneshot():
+                    times = process.cpu_times()
+                    lifetime = max(now - handle.started, 1e-3)
+                    cpu = 100.0 * (times.user + times.system) / lifetime
+                    rss = process.memory_info().rss
+            workers.append(
+                {
+                    "slot": handle.slot,
+                    "pid": handle.pid,
+                    "generation": handle.generation,
+                    "state": handle.state,
+                    "connections": handle.connections,
+                    "served": handle.served,
+                    "cpu_percent": cpu,
+                    "rss": rss,
+                    "uptime": now - handle.started,
+                }
+            )
+        services = [
+            {"name": name, "module": module, "endpoints": endpoints}
+            for name, module, endpoints in self.ledger.services()
+        ]
+        return {
+            "pid": os.getpid(),
+            "state": "stopping" if self.stop_mode else self.state,
+            "generation": self.generation,
+            "slots": self.slots,
+            "reloading": self.reloading,
+            "uptime": time.time() - self.started_at,
+            "config": self.config.path,
+            "workers": workers,
+            "services": services,
+        }
 
 
-def _has_uvloop() -> bool:
+def _migrates_queued_connections() -> bool:
     try:
-        import uvloop  # noqa: F401
-    except ImportError:
+        return TCP_MIGRATE_REQ.read_text().strip() == "1"
+    except OSError:
         return False
-    return True

@@ -7,7 +7,6 @@ processes, never in the master.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import re
 import sys
@@ -242,8 +241,19 @@ def _load_error(name: str, path: Path, exc: BaseException) -> ModuleError:
     )
 
 
-def load_module(name: str, path: Path, config: Config, shared: SharedState | None) -> Module:
-    """Execute one module file with ``module`` injected; return its :class:`Module`."""
+def compile_module(name: str, path: Path) -> types.CodeType:
+    """Read and compile a module file (before privileges are dropped: the file may be
+    readable by root only, like a config file)."""
+    try:
+        return compile(path.read_bytes(), str(path), "exec")
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise _load_error(name, path, exc) from exc
+
+
+def run_module(
+    name: str, path: Path, code: types.CodeType, config: Config, shared: SharedState | None
+) -> Module:
+    """Execute a compiled module with ``module`` injected; return its :class:`Module`."""
     module = Module(name, path, config)
     module._shared = shared
     namespace = types.ModuleType(f"mpnet.services.{name}")
@@ -251,7 +261,6 @@ def load_module(name: str, path: Path, config: Config, shared: SharedState | Non
     namespace.module = module  # type: ignore[attr-defined]
     sys.modules[namespace.__name__] = namespace
     try:
-        code = compile(path.read_bytes(), str(path), "exec")
         exec(code, namespace.__dict__)
     except Exception as exc:
         sys.modules.pop(namespace.__name__, None)
@@ -264,15 +273,28 @@ def load_module(name: str, path: Path, config: Config, shared: SharedState | Non
     return module
 
 
-def load_modules(config: Config, shared: SharedState | None = None) -> LoadedModules:
-    """Load every module of the config, in order, and check provider names are unique."""
-    modules: list[Module] = []
-    seen: dict[str, str] = {}
+def load_modules(
+    config: Config,
+    shared: SharedState | None = None,
+    before_run: Callable[[], None] | None = None,
+) -> LoadedModules:
+    """Load every module of the config, in order, and check provider names are unique.
+
+    All files are read and compiled first; *before_run* (e.g. dropping privileges) is called
+    before any module code runs.
+    """
+    compiled: list[tuple[str, Path, types.CodeType]] = []
     for spec in config["modules"]:
         name, path = find_module(spec, config)
-        if any(m.name == name for m in modules):
+        if any(entry[0] == name for entry in compiled):
             raise ModuleError(f"{config.path}: module {name!r} is listed twice")
-        module = load_module(name, path, config, shared)
+        compiled.append((name, path, compile_module(name, path)))
+    if before_run is not None:
+        before_run()
+    modules: list[Module] = []
+    seen: dict[str, str] = {}
+    for name, path, code in compiled:
+        module = run_module(name, path, code, config, shared)
         for provider in module.providers:
             if provider.name in seen:
                 raise ModuleError(
@@ -284,7 +306,3 @@ def load_modules(config: Config, shared: SharedState | None = None) -> LoadedMod
     loaded = LoadedModules(modules)
     config.check_names([p.name for p in loaded.providers], [m.name for m in modules])
     return loaded
-
-
-def is_awaitable(value: Any) -> bool:
-    return inspect.isawaitable(value)

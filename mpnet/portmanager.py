@@ -308,6 +308,8 @@ class PortLedger:
         return sock
 
     def _grow(self, binding: Binding, plan: ServicePlan, slots: int) -> None:
+        if binding.adopted:
+            return  # one systemd socket serves every slot (see slot_sockets)
         while len(binding.sockets) < slots:
             binding.sockets.append(self._bind_one(binding.endpoint, binding.port, plan))
 
@@ -317,14 +319,19 @@ class PortLedger:
         for binding in self.bindings.values():
             self._grow(binding, plans[binding.service], slots)
 
-    def shrink_slots(self, slots: int) -> None:
-        """Close the sockets of slots ``>= slots`` (after their workers are gone)."""
+    def shrink_slots(self, slots: int) -> list[int]:
+        """Close the sockets of slots ``>= slots`` (after their workers are gone); return
+        the slots closed."""
+        closed: set[int] = set()
         for binding in self.bindings.values():
+            if binding.adopted:
+                continue
             keep = max(slots, 1)
-            for sock in binding.sockets[keep:]:
-                if not binding.adopted:
-                    sock.close()
+            for index, sock in enumerate(binding.sockets[keep:], start=keep):
+                sock.close()
+                closed.add(index)
             del binding.sockets[keep:]
+        return sorted(closed)
 
     def release_unplanned(self) -> list[Binding]:
         """Close endpoints that the current plans no longer name."""
@@ -364,13 +371,20 @@ class PortLedger:
                 self._close(binding)
         self.bindings.clear()
 
-    def describe(self) -> list[str]:
-        """One line per service: ``echo -> 127.0.0.1:5432, [::1]:5432``."""
-        lines = []
+    def services(self) -> list[tuple[str, str, list[str]]]:
+        """(service, module, bound addresses) for every planned service."""
+        result = []
         for plan in self.plans:
             addresses = []
             for endpoint in plan.endpoints:
                 binding = self.bindings.get(binding_key(plan.service, endpoint))
                 addresses.append(binding.address if binding else str(endpoint))
-            lines.append(f"{plan.service} (module {plan.module}) -> {', '.join(addresses)}")
-        return lines
+            result.append((plan.service, plan.module, addresses))
+        return result
+
+    def describe(self) -> list[str]:
+        """One line per service: ``echo (module echo) -> 127.0.0.1:5432, [::1]:5432``."""
+        return [
+            f"{service} (module {module}) -> {', '.join(addresses)}"
+            for service, module, addresses in self.services()
+        ]

@@ -128,8 +128,9 @@ class ProxyResult:
     destination_path: bytes | None = None
 
     @property
-    def is_local(self) -> bool:
-        """True when the real connection endpoints must be used (no address was conveyed)."""
+    def use_peer_address(self) -> bool:
+        """True when the header conveys no address (v1 UNKNOWN, v2 LOCAL or AF_UNSPEC): use the
+        connection's real endpoints, as if there had been no header."""
         return self.source is None and self.source_path is None
 
     def tlv(self, tlv_type: int) -> bytes | None:
@@ -446,6 +447,8 @@ def _ip_pair(
 ) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
     src = ipaddress.ip_address(source[0])
     dst = ipaddress.ip_address(destination[0])
+    if getattr(src, "scope_id", None) or getattr(dst, "scope_id", None):
+        raise ValueError("scoped IPv6 addresses (with %zone) cannot be sent")
     if src.version != dst.version:
         raise ValueError("source and destination must be of the same IP version")
     for port in (source[1], destination[1]):

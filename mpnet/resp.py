@@ -221,11 +221,20 @@ class RespParser:
         return value, end + 2
 
     def _parse(self) -> list[bytes] | None:
+        # The hot loop works on locals and writes the state back once, in the finally clause;
+        # "$<n>" lines take a fast path when complete, short and well formed, and anything else
+        # goes through _read_length, which owns the exact Redis semantics and error texts.
         buf = self._buf
         pos = 0
+        missing = self._missing
+        args = self._args
+        size = self._bulk_len
+        # Longest "*"/"$" line (from the marker to the CR) the fast path may accept: within the
+        # line limit, and within _parse_length's 20 characters.
+        fast = min(self._max_inline, 21) + 2
         try:
             while True:
-                if self._missing == 0:
+                if not missing:
                     # Between requests: the first byte picks multibulk or inline.
                     if pos >= len(buf):
                         return None
@@ -237,9 +246,9 @@ class RespParser:
                         if count > self._max_multibulk:
                             raise RespProtocolError(_BAD_MBULK)
                         if count > 0:  # "*0" and "*-1" are ignored, as in Redis
-                            self._missing = count
-                            self._args = []
-                            self._bulk_len = -1
+                            missing = count
+                            args = []
+                            size = -1
                         continue
                     end = buf.find(b"\n", self._scanned if self._scanned > pos else pos)
                     if end < 0:
@@ -258,34 +267,44 @@ class RespParser:
                     continue  # blank line: ignored, as in Redis
 
                 # Inside a multibulk request: "$<len>\r\n<data>\r\n" per argument.
-                while self._missing:
-                    if self._bulk_len < 0:
+                while missing:
+                    if size < 0:
                         if pos >= len(buf):
                             return None
                         if buf[pos] != _DOLLAR:
                             raise RespProtocolError(
                                 f"Protocol error: expected '$', got '{_show_byte(buf[pos])}'"
                             )
-                        line = self._read_length(pos, _TOO_BIG_BULK_COUNT, _BAD_BULK)
-                        if line is None:
-                            return None
-                        size, pos = line
-                        if size < 0 or size > self._max_bulk:
-                            raise RespProtocolError(_BAD_BULK)
-                        self._bulk_len = size
-                    stop = pos + self._bulk_len
+                        end = buf.find(b"\r\n", pos + 1, pos + fast)
+                        digits = buf[pos + 1 : end] if end > 0 else b""
+                        if digits.isdigit() and (digits[0] != _ZERO or end == pos + 2):
+                            size = int(digits)
+                            if size > self._max_bulk:
+                                raise RespProtocolError(_BAD_BULK)
+                            pos = end + 2
+                        else:
+                            line = self._read_length(pos, _TOO_BIG_BULK_COUNT, _BAD_BULK)
+                            if line is None:
+                                return None
+                            size, pos = line
+                            if size < 0 or size > self._max_bulk:
+                                raise RespProtocolError(_BAD_BULK)
+                    stop = pos + size
                     if len(buf) < stop + 2:
                         return None
                     if buf[stop] != _CR or buf[stop + 1] != _LF:
                         raise RespProtocolError(_BAD_BULK_END)
-                    self._args.append(bytes(buf[pos:stop]))
+                    args.append(bytes(buf[pos:stop]))
                     pos = stop + 2
-                    self._bulk_len = -1
-                    self._missing -= 1
-                command = self._args
-                self._args = []
+                    size = -1
+                    missing -= 1
+                command = args
+                args = []
                 return command
         finally:
+            self._missing = missing
+            self._args = args
+            self._bulk_len = size
             if pos:
                 # Cheap in CPython: deleting a bytearray's head just moves its start pointer.
                 del buf[:pos]

@@ -350,12 +350,8 @@ class SharedMaster:
         self._fan_out(encode(["sa", origin, name, op, args]), channels)
 
     def _fan_out(self, frame: bytes, channels: list[tuple[Any, Any]]) -> None:
-        for handle, channel in channels:
-            try:
-                channel.send_frame(frame)
-            except ChannelError as exc:
-                log.error("worker %d (pid %d): %s; cutting it off", handle.slot, handle.pid, exc)
-                channel.close()
+        for _handle, channel in channels:
+            channel.send_frame(frame)  # a worker that stops reading is cut off by the master
 
 
 # -- persistence ----------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ SIGQUIT/SIGINT are quick: close every connection now.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import signal
@@ -29,6 +30,11 @@ from .module import LoadedModules, ModuleError, load_modules
 from .portmanager import Binding
 from .shared import SharedState
 
+try:  # imported in the master, before workers fork and maybe lose the right to read it
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a dependency, but asyncio works too
+    uvloop = None
+
 log = logging.getLogger("mpnet.worker")
 
 EXIT_OK = 0
@@ -39,11 +45,31 @@ SHUTDOWN_REASON = "server shutting down"
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """uvloop where it is installed (measured cheaper per message and per accept), else asyncio."""
-    try:
-        import uvloop
-    except ImportError:
+    if uvloop is None:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+def drop_privileges(config: Config) -> None:
+    """Become ``user``/``group`` before any module code runs; refuse root unless allowed.
+
+    Called in workers and in the checker, so a start fails early, with the same message, when
+    the account is missing or the modules cannot load as that user.
+    """
+    from . import systemd
+
+    if config["user"]:
+        try:
+            systemd.drop_privileges(config["user"], config["group"])
+        except (LookupError, PermissionError) as exc:
+            raise ConfigError(f"{config.path}: key 'user': {exc}") from None
+    elif config["group"]:
+        raise ConfigError(f"{config.path}: key 'group' needs 'user' as well")
+    if os.geteuid() == 0 and not config["allow_root"]:
+        raise ConfigError(
+            f'{config.path}: refusing to run workers as root; set user = "<account>" '
+            f"(the master binds the ports first) or allow_root = true"
+        )
 
 
 class Worker:
@@ -78,6 +104,8 @@ class Worker:
 
     def run(self) -> int:
         mpnet_log.set_role(f"worker {self.slot}")
+        # The master sends SIGUSR2 to a worker whose loop stopped answering, before killing it.
+        faulthandler.register(signal.SIGUSR2, file=mpnet_log.stream(), all_threads=True)
         loop = new_event_loop()
         asyncio.set_event_loop(loop)
         try:
@@ -120,7 +148,9 @@ class Worker:
         return EXIT_OK
 
     async def _boot(self) -> None:
-        self.modules = load_modules(self.config, self.shared)
+        self.modules = load_modules(
+            self.config, self.shared, before_run=lambda: drop_privileges(self.config)
+        )
         loop = asyncio.get_running_loop()
         provided = {provider.name: provider for provider in self.modules.providers}
         for name in self._sockets:

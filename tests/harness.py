@@ -257,6 +257,8 @@ def run_mpnet(directory: Path, *args: str, timeout: float = 60) -> subprocess.Co
 def config(modules: list[str], **keys: Any) -> str:
     """A TOML config: ``config(["echo"], workers=2, echo_ports=[0])``."""
     lines = [f"modules = {_toml(modules)}", 'interfaces = ["127.0.0.1"]']
+    if os.geteuid() == 0 and "user" not in keys:
+        keys.setdefault("allow_root", True)
     for key, value in keys.items():
         lines.append(f"{key} = {_toml(value)}")
     return "\n".join(lines) + "\n"

@@ -178,7 +178,7 @@ def test_v1_tcp(line: bytes, family: str, source: tuple, destination: tuple) -> 
     assert result.source == source
     assert result.destination == destination
     assert result.tlvs == ()
-    assert result.source_path is None and not result.is_local
+    assert result.source_path is None and not result.use_peer_address
 
 
 @pytest.mark.parametrize(
@@ -194,7 +194,7 @@ def test_v1_unknown(line: bytes) -> None:
     result = parse_every_split(line)
     assert (result.version, result.command, result.family) == (1, "PROXY", "UNKNOWN")
     assert result.source is None and result.destination is None
-    assert result.is_local
+    assert result.use_peer_address
 
 
 def test_v1_header_alone_and_remaining_empty() -> None:
@@ -239,7 +239,7 @@ def test_v2_unix(fam: int, transport: str) -> None:
     assert result.source is None and result.destination is None
     assert result.source_path == b"/run/a.sock"
     assert result.destination_path == b"\0abstract"
-    assert not result.is_local
+    assert not result.use_peer_address
 
 
 def test_v2_unix_path_cut_at_first_nul_and_full_length() -> None:
@@ -257,7 +257,7 @@ def test_v2_local() -> None:
         "UNKNOWN",
         "UNSPEC",
     )
-    assert result.source is None and result.destination is None and result.is_local
+    assert result.source is None and result.destination is None and result.use_peer_address
 
 
 @pytest.mark.parametrize(
@@ -542,6 +542,7 @@ def test_build_v1() -> None:
         (("1.2.3.4", 1), ("5.6.7.8", "80")),
         (("not an ip", 1), ("5.6.7.8", 2)),
         (("1.2.3.4", 1), None),
+        (("fe80::1%eth0", 1), ("::1", 2)),
     ]:
         with pytest.raises(ValueError):
             build_v1(source, destination)  # type: ignore[arg-type]

@@ -1,0 +1,362 @@
+"""The control socket: ``mpnet status | reload | stop | workers N`` talk to a running master.
+
+A Unix stream socket, created with mode 0600 (the umask is narrowed around ``bind`` so there is no
+moment when anyone else could connect), and every peer is checked with ``SO_PEERCRED``: only root
+and the service's own users may use it. One request per connection: a JSON line in, a JSON line
+out. The master serves it from its select loop without ever blocking on a client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pwd
+import socket
+import struct
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+MAX_REQUEST = 64 * 1024
+CLIENT_TIMEOUT = 5.0
+
+
+def default_socket_path() -> Path:
+    """``/run/mpnet/control.sock`` for root, else under ``$XDG_RUNTIME_DIR`` (or /tmp)."""
+    if os.geteuid() == 0:
+        return Path("/run/mpnet/control.sock")
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/mpnet-{os.geteuid()}"
+    return Path(runtime) / "mpnet" / "control.sock"
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+class _Client:
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline
+        self.inbox = bytearray()
+        self.outbox = bytearray()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+
+class ControlServer:
+    """The master's side. ``handle_request(dict) -> dict`` does the work; this class only moves
+    bytes, checks peers and enforces size and time limits."""
+
+    def __init__(
+        self,
+        path: Path,
+        handle_request: Callable[[dict[str, Any]], dict[str, Any]],
+        allowed_uids: set[int],
+        log: Any,
+    ) -> None:
+        self.path = path
+        self._handle_request = handle_request
+        self.allowed_uids = {0, os.geteuid(), *allowed_uids}
+        self._log = log
+        self.clients: dict[int, _Client] = {}
+        self.sock = self._listen(path)
+
+    @staticmethod
+    def _listen(path: Path) -> socket.socket:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if path.exists() or path.is_symlink():
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.settimeout(1)
+                probe.connect(str(path))
+            except OSError:
+                path.unlink()  # stale: nobody answers there
+            else:
+                raise OSError(f"control socket {path} is in use by another running mpnet")
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+        except OSError:
+            sock.close()
+            raise
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        sock.listen(16)
+        sock.setblocking(False)
+        return sock
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def accept(self) -> list[_Client]:
+        """Accept waiting peers; refuse strangers at once. Returns the new clients."""
+        accepted = []
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return accepted
+            except OSError as exc:
+                self._log.warning("control socket accept failed: %s", exc)
+                return accepted
+            conn.setblocking(False)
+            pid, uid, _gid = peer_credentials(conn)
+            if uid not in self.allowed_uids:
+                self._log.warning("control socket: refused pid %d (uid %d): not allowed", pid, uid)
+                with contextlib.suppress(OSError):
+                    conn.send(b'{"ok": false, "error": "permission denied"}\n')
+                conn.close()
+                continue
+            client = _Client(conn, time.monotonic() + CLIENT_TIMEOUT)
+            self.clients[conn.fileno()] = client
+            accepted.append(client)
+
+    def on_readable(self, client: _Client) -> None:
+        try:
+            data = client.sock.recv(MAX_REQUEST)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.drop(client)
+            return
+        client.inbox += data
+        if b"\n" not in client.inbox:
+            if len(client.inbox) > MAX_REQUEST:
+                self._answer(client, {"ok": False, "error": "request too large"})
+            return
+        line = bytes(client.inbox.split(b"\n", 1)[0])
+        try:
+            request = json.loads(line)
+            if not isinstance(request, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            self._answer(client, {"ok": False, "error": f"bad request: {exc}"})
+            return
+        try:
+            response = self._handle_request(request)
+        except Exception as exc:  # a control request must never take the master down
+            self._log.exception("control request %r failed", request)
+            response = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        self._answer(client, response)
+
+    def _answer(self, client: _Client, response: dict[str, Any]) -> None:
+        client.outbox += json.dumps(response).encode() + b"\n"
+        client.inbox.clear()
+        self.on_writable(client)
+
+    def on_writable(self, client: _Client) -> None:
+        while client.outbox:
+            try:
+                sent = client.sock.send(client.outbox)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                break
+            del client.outbox[:sent]
+        self.drop(client)
+
+    def expire(self) -> list[_Client]:
+        """Drop clients that have not finished within the deadline."""
+        now = time.monotonic()
+        late = [c for c in self.clients.values() if now > c.deadline]
+        for client in late:
+            self.drop(client)
+        return late
+
+    def drop(self, client: _Client) -> None:
+        self.clients.pop(client.sock.fileno(), None)
+        client.sock.close()
+
+    def close(self) -> None:
+        for client in list(self.clients.values()):
+            self.drop(client)
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def service_uids(user: str | None) -> set[int]:
+    if not user:
+        return set()
+    try:
+        return {pwd.getpwnam(user).pw_uid}
+    except KeyError:
+        return set()
+
+
+# -- the client side (CLI) -------------------------------------------------------------------------
+
+
+class ControlError(Exception):
+    """The master could not be reached or refused the request."""
+
+
+def request(path: Path, payload: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(str(path))
+        except FileNotFoundError:
+            raise ControlError(f"no control socket at {path}: is mpnet running?") from None
+        except ConnectionRefusedError:
+            raise ControlError(f"nothing listens on {path}: is mpnet running?") from None
+        except PermissionError:
+            raise ControlError(f"permission denied on {path}") from None
+        sock.sendall(json.dumps(payload).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except TimeoutError:
+        raise ControlError(f"no answer from {path} within {timeout:g}s") from None
+    finally:
+        sock.close()
+    if not data:
+        raise ControlError(f"the master at {path} closed the connection without an answer")
+    response = json.loads(data)
+    if not response.get("ok"):
+        raise ControlError(response.get("error", "request failed"))
+    return response
+
+
+def _socket_path(args: argparse.Namespace) -> Path:
+    if args.socket:
+        return Path(args.socket)
+    if args.config:
+        from .config import load_config
+
+        config = load_config(args.config)
+        if config["control_socket"]:
+            return config.resolve_path(config["control_socket"])
+    return default_socket_path()
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def print_status(status: dict[str, Any]) -> None:
+    print(
+        f"mpnet pid {status['pid']}, up {_format_duration(status['uptime'])}, "
+        f"generation {status['generation']}, {status['slots']} worker slot(s), {status['state']}"
+    )
+    header = ("slot", "pid", "gen", "state", "conns", "served", "cpu%", "rss", "uptime")
+    rows = [header]
+    for w in status["workers"]:
+        rss = f"{w['rss'] / 1048576:.1f}M" if w.get("rss") is not None else "-"
+        cpu = f"{w['cpu_percent']:.1f}" if w.get("cpu_percent") is not None else "-"
+        rows.append(
+            (
+                str(w["slot"]),
+                str(w["pid"]),
+                str(w["generation"]),
+                w["state"],
+                str(w["connections"]),
+                str(w["served"]),
+                cpu,
+                rss,
+                _format_duration(w["uptime"]),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)))
+    print("services:")
+    for service in status["services"]:
+        print(
+            f"  {service['name']} (module {service['module']}) -> {', '.join(service['endpoints'])}"
+        )
+
+
+def _command(build: Callable[[argparse.Namespace], dict[str, Any]], show: Any = None) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            response = request(_socket_path(args), build(args), timeout=args.timeout)
+        except ControlError as exc:
+            print(f"mpnet: error: {exc}", file=sys.stderr)
+            return 1
+        if getattr(args, "json", False):
+            print(json.dumps(response, indent=2))
+        elif show is not None:
+            show(response)
+        elif response.get("message"):
+            print(response["message"])
+        return 0
+
+    return run
+
+
+def _reload(args: argparse.Namespace) -> int:
+    """Ask for a reload; with ``--wait``, poll until the new generation serves every slot."""
+    path = _socket_path(args)
+    try:
+        response = request(path, {"command": "reload"}, timeout=args.timeout)
+        print(response["message"])
+        deadline = time.monotonic() + args.timeout
+        while args.wait:
+            status = request(path, {"command": "status"}, timeout=args.timeout)["status"]
+            if not status["reloading"] and status["generation"] >= response["generation"]:
+                print(f"reload complete: generation {status['generation']} serves every slot")
+                break
+            if time.monotonic() > deadline:
+                raise ControlError(f"reload not complete after {args.timeout:g}s")
+            time.sleep(0.1)
+    except ControlError as exc:
+        print(f"mpnet: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_commands(commands: Any) -> None:
+    """Register ``status``, ``reload``, ``stop`` and ``workers`` on the CLI parser."""
+
+    def common(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("-c", "--config", help="config file (to find control_socket)")
+        parser.add_argument("-s", "--socket", help="control socket path")
+        parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait")
+
+    status = commands.add_parser("status", help="show workers and services of a running mpnet")
+    common(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(
+        func=_command(lambda a: {"command": "status"}, lambda r: print_status(r["status"]))
+    )
+
+    reload = commands.add_parser("reload", help="reload config and modules without downtime")
+    common(reload)
+    reload.add_argument("--wait", action="store_true", help="return once every slot is replaced")
+    reload.set_defaults(func=_reload)
+
+    stop = commands.add_parser("stop", help="stop a running mpnet (graceful by default)")
+    common(stop)
+    stop.add_argument("--quick", action="store_true", help="close connections now")
+    stop.set_defaults(
+        func=_command(lambda a: {"command": "stop", "mode": "quick" if a.quick else "graceful"})
+    )
+
+    workers = commands.add_parser("workers", help="set the number of workers")
+    common(workers)
+    workers.add_argument("count", type=int)
+    workers.set_defaults(func=_command(lambda a: {"command": "workers", "count": a.count}))
