@@ -181,8 +181,12 @@ class Server:
                 if len(matches) >= count:
                     return matches[count - 1]
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or (self.proc and self.proc.poll() is not None and
-                                      self._lines and self._lines[-1] == ""):
+                if remaining <= 0 or (
+                    self.proc
+                    and self.proc.poll() is not None
+                    and self._lines
+                    and self._lines[-1] == ""
+                ):
                     raise AssertionError(
                         f"log never showed {what or pattern!r} ({count}x); log:\n"
                         + "".join(self._lines)
@@ -214,7 +218,9 @@ class Server:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"mpnet did not exit within {timeout}s; log:\n{self.log}") from None
+            raise AssertionError(
+                f"mpnet did not exit within {timeout}s; log:\n{self.log}"
+            ) from None
 
     def stop(self) -> None:
         """Stop everything this server started, by PID; used in fixtures' teardown."""
@@ -224,10 +230,8 @@ class Server:
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.proc.pid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
         for pid in self.known_pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)

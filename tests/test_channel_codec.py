@@ -622,7 +622,7 @@ def test_master_channel_send_to_closed_peer_closes(
 def test_master_channel_backlog_limit(pair: tuple[socket.socket, socket.socket]) -> None:
     """A worker that stops reading must not make the master's queue grow without bound: past
     max_backlog the channel reports it (ChannelError from send, or ``failed`` set)."""
-    master_end, worker_end = pair
+    master_end, _worker_end = pair  # the worker end is never read
     channel = MasterChannel(master_end, max_backlog=64 * 1024)
     payload = b"x" * 4096
     reason = None

@@ -16,7 +16,9 @@ def _serve(tmp_path, text):
 
 def test_two_services_on_one_endpoint(tmp_path):
     port = free_port()
-    result = _serve(tmp_path, config(["echo", "lastsaid"], echo_ports=[port], lastsaid_ports=[port]))
+    result = _serve(
+        tmp_path, config(["echo", "lastsaid"], echo_ports=[port], lastsaid_ports=[port])
+    )
     assert result.returncode == 1
     assert f"port conflict on 127.0.0.1:{port}" in result.stderr
     assert "'echo'" in result.stderr and "'lastsaid'" in result.stderr

@@ -66,9 +66,7 @@ def test_every_byte_arrives_in_order_however_the_client_chunks(mpnet, write_modu
 
 
 def test_bundled_modules_found_with_config_elsewhere(mpnet):
-    server = mpnet(
-        config(["echo", "lastsaid"], workers=1, echo_ports=[0], lastsaid_ports=[0])
-    )
+    server = mpnet(config(["echo", "lastsaid"], workers=1, echo_ports=[0], lastsaid_ports=[0]))
     with Client(server.port("echo")) as echo, Client(server.port("lastsaid")) as lastsaid:
         assert echo.read_until(b"\n") == b"Hello!\n"
         assert lastsaid.read_until(b"\n") == b"Hello!\n"
