@@ -233,7 +233,7 @@ def _load_error(name: str, path: Path, exc: BaseException) -> ModuleError:
             line = f" (line {frame.lineno})"
             break
     if isinstance(exc, SyntaxError):
-        line = f" (line {exc.lineno})"
+        line = ""  # its message names the line already
     if isinstance(exc, ModuleError):
         return ModuleError(f"{exc}{line}")
     return ModuleError(

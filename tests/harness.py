@@ -263,6 +263,7 @@ def config(modules: list[str], **keys: Any) -> str:
     lines = [f"modules = {_toml(modules)}", 'interfaces = ["127.0.0.1"]']
     if os.geteuid() == 0 and "user" not in keys:
         keys.setdefault("allow_root", True)
+    keys.setdefault("control_socket", "control.sock")  # beside the config, in the test's tmp dir
     for key, value in keys.items():
         lines.append(f"{key} = {_toml(value)}")
     return "\n".join(lines) + "\n"
