@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import socket
 import sys
 from typing import cast
 
@@ -39,7 +40,13 @@ class EchoProtocol(asyncio.Protocol):
 async def serve(host: str, port: int, backlog: int) -> None:
     """Listen on host:port, print the bound port, and serve until SIGTERM/SIGINT."""
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(EchoProtocol, host, port, backlog=backlog)
+    # Bind the socket here rather than passing host and port: resolving them would run
+    # getaddrinfo in a thread pool (libuv's, or asyncio's executor), leaving idle threads
+    # behind.  A multithreaded process pays more per syscall (the kernel's single-threaded
+    # fast path for file descriptor lookups is lost), and an mpnet worker, which is handed
+    # ready sockets, stays single-threaded: so must the baseline.
+    sock = socket.create_server((host, port), backlog=backlog)
+    server = await loop.create_server(EchoProtocol, sock=sock, backlog=backlog)
     bound = server.sockets[0].getsockname()[1]
     print(bound, flush=True)
 

@@ -35,9 +35,12 @@ def _child(config: Config, write_fd: int) -> None:
         from .worker import drop_privileges
 
         loaded = load_modules(config, before_run=lambda: drop_privileges(config))
+        from .worker import tls_contexts
+
+        tls_contexts(config, loaded)  # a missing or broken certificate fails here, early
         result: dict[str, Any] = {
             "ok": True,
-            "services": [provider.describe() for provider in loaded.providers],
+            "services": loaded.describe(),
             "modules": [module.name for module in loaded.modules],
         }
     except (ModuleError, ConfigError) as exc:

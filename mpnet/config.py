@@ -141,6 +141,7 @@ GLOBAL_KEYS: dict[str, Key] = {
     "max_connections": Key(_positive_int, None, per_service=True),
     "max_connections_per_ip": Key(_positive_int, None, per_service=True),
     "ssl": Key(_table, None, per_service=True),
+    "limit_message": Key(_string, None, per_service=True),
 }
 
 SERVICE_ONLY_KEYS: dict[str, Key] = {

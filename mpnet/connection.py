@@ -2,13 +2,14 @@
 
 One object per connection keeps the hot path short: ``data_received`` calls the module's
 ``onincoming(conn, data)`` directly and ``conn.write`` goes straight to the transport. Everything
-that is not per-message (callback errors, async callbacks, pausing for several reasons, counters)
-lives off that path.
+that is not per-message (callback errors, async callbacks, pausing for several reasons, limits,
+timeouts) lives off that path; timeouts are found by a once-a-second sweep of the worker
+(:meth:`Service.sweep`) instead of a timer per connection.
 
-Callback order per connection is ``onconnect [-> onincoming | ondrain | onreadtimeout]* ->
-ondisconnect``, with ``ondisconnect`` exactly once. When a callback returns an awaitable the
-connection stops reading until it finishes, and later events wait their turn, so async callbacks
-still run in order.
+Callback order per connection is ``onconnect [-> onincoming | ondrain | onreadtimeout |
+onstarttls]* -> ondisconnect``, with ``ondisconnect`` exactly once, and only for connections
+whose ``onconnect`` ran. When a callback returns an awaitable, the connection stops reading until
+it finishes and later events wait their turn, so async callbacks still run in order.
 """
 
 from __future__ import annotations
@@ -16,9 +17,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import ssl
+import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from .proxyproto import ProxyHeaderParser, ProxyProtocolError
 
 if TYPE_CHECKING:
     from .module import Provider
@@ -29,29 +35,74 @@ PAUSED_BY_MODULE = 1
 PAUSED_BY_CALLBACK = 2
 PAUSED_BY_BACKPRESSURE = 4
 
+WRITE_BUFFER_HIGH = 64 * 1024
+LIMIT_LOG_EVERY = 10.0  # seconds between log lines about refused connections, per service
+
 _ids = itertools.count(1)
 
 
-class Service:
-    """A provider at run time in one worker: its callbacks, its open connections, counters."""
+@dataclass
+class ServiceSettings:
+    """Per-service transport settings, resolved from the config (``<service>_<key>`` or
+    the global key). Zero or None disables a limit or a timeout."""
 
-    def __init__(self, provider: Provider, worker_label: str) -> None:
+    read_timeout: float = 0
+    send_timeout: float = 0
+    ssl_handshake_timeout: float = 60.0
+    max_send_buffer_size: int = 32 * 1024 * 1024
+    max_connections: int | None = None
+    max_connections_per_ip: int | None = None
+    limit_message: bytes | None = None
+    proxy_protocol: bool = False
+    ssl_context: ssl.SSLContext | None = None
+
+
+class WorkerCounters:
+    """What every service of one worker shares: the open-connection count for
+    ``max_connections`` (a per-worker limit)."""
+
+    def __init__(self, max_connections: int | None = None) -> None:
+        self.open = 0
+        self.max_connections = max_connections
+
+
+class Service:
+    """A provider at run time in one worker: callbacks, settings, open connections, counters."""
+
+    def __init__(
+        self,
+        provider: Provider,
+        worker_label: str,
+        settings: ServiceSettings | None = None,
+        counters: WorkerCounters | None = None,
+    ) -> None:
         self.name = provider.name
         self.provider = provider
         self.logger = provider.module.logger
+        self.settings = settings or ServiceSettings()
+        self.counters = counters or WorkerCounters()
         callbacks = provider.callbacks
         self.onconnect = callbacks.get("onconnect")
         self.onincoming = callbacks.get("onincoming")
         self.ondisconnect = callbacks.get("ondisconnect")
         self.ondrain = callbacks.get("ondrain")
         self.onreadtimeout = callbacks.get("onreadtimeout")
+        self.onstarttls = callbacks.get("onstarttls")
         self.connections: set[Connection] = set()
+        # Connections still waiting for their PROXY header (not yet visible to the module).
+        self.waiting: set[ProxiedConnection] = set()
+        self.per_ip: dict[str, int] = {}
         self.served = 0
+        self.refused = 0
+        self._refused_logged = 0
+        self._next_limit_log = 0.0
         self.worker_label = worker_label
-        self.write_buffer_high = 64 * 1024
+        self.connection_class: type[Connection] = (
+            ProxiedConnection if self.settings.proxy_protocol else Connection
+        )
 
     def protocol_factory(self) -> Connection:
-        return Connection(self)
+        return self.connection_class(self)
 
     def callback_failed(self, callback: str, conn: Connection, exc: BaseException) -> None:
         """Prosody's default: log with module, callback and traceback; the connection lives on."""
@@ -64,6 +115,83 @@ class Service:
             exc_info=exc,
         )
 
+    # -- limits ---------------------------------------------------------------------------------
+
+    def admit(self, conn: Connection) -> str | None:
+        """Why *conn* must be refused (a limit is reached), or None to admit it."""
+        counters = self.counters
+        if counters.max_connections is not None and counters.open >= counters.max_connections:
+            return f"max_connections ({counters.max_connections}) reached in this worker"
+        limit = self.settings.max_connections_per_ip
+        if limit is not None and self.per_ip.get(conn.ip(), 0) >= limit:
+            return f"max_connections_per_ip ({limit}) reached for {conn.ip()}"
+        return None
+
+    def refuse(self, conn: Connection, transport: asyncio.BaseTransport, why: str) -> None:
+        self.refused += 1
+        message = self.settings.limit_message
+        if message:
+            transport.write(message)  # type: ignore[attr-defined]
+            transport.close()
+        else:
+            transport.abort()  # type: ignore[attr-defined]
+        now = time.monotonic()
+        if now >= self._next_limit_log:
+            self.logger.warning(
+                "service %s refused %d connection(s) since the last report: %s",
+                self.name,
+                self.refused - self._refused_logged,
+                why,
+            )
+            self._refused_logged = self.refused
+            self._next_limit_log = now + LIMIT_LOG_EVERY
+
+    def opened(self, conn: Connection) -> None:
+        self.connections.add(conn)
+        self.counters.open += 1
+        self.served += 1
+        if self.settings.max_connections_per_ip is not None:
+            ip = conn.ip()
+            self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+
+    def closed(self, conn: Connection) -> None:
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.counters.open -= 1
+            if self.settings.max_connections_per_ip is not None:
+                ip = conn.ip()
+                left = self.per_ip.get(ip, 1) - 1
+                if left > 0:
+                    self.per_ip[ip] = left
+                else:
+                    self.per_ip.pop(ip, None)
+
+    # -- timeouts -------------------------------------------------------------------------------
+
+    def sweep(self, now: float) -> None:
+        """Once a second: idle connections (read_timeout), stalled sends (send_timeout),
+        unfinished PROXY headers."""
+        settings = self.settings
+        read_timeout, send_timeout = settings.read_timeout, settings.send_timeout
+        header_timeout = settings.ssl_handshake_timeout
+        for conn in list(self.connections):
+            if conn._closed:
+                continue
+            if conn._activity != conn._seen_activity:
+                conn._seen_activity = conn._activity
+                conn._idle_since = now
+            elif read_timeout and now - conn._idle_since >= read_timeout and not conn._pending:
+                conn._read_timed_out()
+            if send_timeout and conn._transport is not None:
+                size = conn._transport.get_write_buffer_size()
+                if size != conn._send_size:
+                    conn._send_size, conn._send_since = size, now
+                elif size and now - conn._send_since >= send_timeout:
+                    conn.abort("send timeout")
+        for conn in list(self.waiting):
+            if now - conn._accepted_at >= header_timeout:
+                conn._proxy_failed("no PROXY header in time")
+
 
 class Connection(asyncio.Protocol):
     """A client connection as a listener sees it (``conn``). Hashable, usable as a dict key."""
@@ -71,14 +199,19 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "__dict__",
         "__weakref__",
+        "_activity",
         "_backlog",
         "_close_reason",
         "_closed",
+        "_idle_since",
         "_number",
         "_onincoming",
         "_paused",
         "_peer",
         "_pending",
+        "_seen_activity",
+        "_send_since",
+        "_send_size",
         "_service",
         "_transport",
     )
@@ -94,19 +227,30 @@ class Connection(asyncio.Protocol):
         self._backlog: deque[tuple[str, Callable[..., Any], tuple[Any, ...]]] | None = None
         self._peer: tuple[Any, ...] | None = None
         self._number = next(_ids)
+        self._activity = self._seen_activity = 0
+        self._idle_since = self._send_since = time.monotonic()
+        self._send_size = 0
 
     # -- asyncio protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
         service = self._service
-        service.connections.add(self)
-        service.served += 1
-        transport.set_write_buffer_limits(service.write_buffer_high, 0)  # type: ignore[attr-defined]
+        why = service.admit(self)
+        if why is not None:
+            self._closed = True  # never seen by the module: no onconnect, no ondisconnect
+            service.refuse(self, transport, why)
+            return
+        self._start(service)
+
+    def _start(self, service: Service) -> None:
+        service.opened(self)
+        self._transport.set_write_buffer_limits(WRITE_BUFFER_HIGH, 0)  # type: ignore[union-attr]
         if service.onconnect is not None:
             self._event("onconnect", service.onconnect, ())
 
     def data_received(self, data: bytes) -> None:
+        self._activity += 1
         onincoming = self._onincoming
         if onincoming is None:
             return
@@ -134,9 +278,11 @@ class Connection(asyncio.Protocol):
             self._event("ondrain", ondrain, ())
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._closed and self not in self._service.connections:
+            return  # refused by a limit, never admitted
         self._closed = True
         service = self._service
-        service.connections.discard(self)
+        service.closed(self)
         err = self._close_reason
         if err is None and exc is not None:
             err = str(exc) or type(exc).__name__
@@ -162,17 +308,27 @@ class Connection(asyncio.Protocol):
             self._backlog = deque()
         self._backlog.append((name, callback, args))
 
-    def _await_result(self, name: str, result: Any) -> None:
+    def _await_result(
+        self, name: str, result: Any, then: Callable[[Any], None] | None = None
+    ) -> None:
         if not asyncio.iscoroutine(result) and not isinstance(result, asyncio.Future):
+            if then is not None:
+                then(result)
             return
         self._pending = asyncio.ensure_future(result)
         self._pause(PAUSED_BY_CALLBACK)
-        self._pending.add_done_callback(lambda future: self._pending_done(name, future))
+        self._pending.add_done_callback(lambda future: self._pending_done(name, future, then))
 
-    def _pending_done(self, name: str, future: asyncio.Future[Any]) -> None:
+    def _pending_done(
+        self, name: str, future: asyncio.Future[Any], then: Callable[[Any], None] | None
+    ) -> None:
         self._pending = None
-        if not future.cancelled() and future.exception() is not None:
+        if future.cancelled():
+            pass
+        elif future.exception() is not None:
             self._service.callback_failed(name, self, future.exception())  # type: ignore[arg-type]
+        elif then is not None:
+            then(future.result())
         backlog = self._backlog
         while backlog and self._pending is None:
             self._event(*backlog.popleft())
@@ -191,15 +347,48 @@ class Connection(asyncio.Protocol):
         if was and not self._paused and self._transport is not None and not self._closed:
             self._transport.resume_reading()
 
+    def _read_timed_out(self) -> None:
+        """``onreadtimeout(conn)``: a true answer keeps the connection, else it is closed."""
+        self._idle_since = time.monotonic()
+        callback = self._service.onreadtimeout
+        if callback is None:
+            self.close("read timeout")
+            return
+        try:
+            result = callback(self)
+        except Exception as exc:
+            self._service.callback_failed("onreadtimeout", self, exc)
+            self.close("read timeout")
+            return
+        self._await_result("onreadtimeout", result, self._after_read_timeout)
+
+    def _after_read_timeout(self, keep: Any) -> None:
+        if keep:
+            self._idle_since = time.monotonic()
+        else:
+            self.close("read timeout")
+
     # -- the API a module uses --------------------------------------------------------------------
 
     def write(self, data: bytes | str) -> bool:
-        """Queue *data* (bytes, or str sent as UTF-8). Returns False if the connection is closed."""
+        """Queue *data* (bytes, or str sent as UTF-8). Returns False if the connection is closed.
+
+        When the peer does not read, mpnet stops reading from it past a high-water mark (64 KiB
+        queued) until the queue drains (``ondrain``); past ``max_send_buffer_size`` the
+        connection is closed with "no space left in buffer".
+        """
         if self._closed:
             return False
         if data.__class__ is str:
             data = data.encode()  # type: ignore[union-attr]
-        self._transport.write(data)  # type: ignore[union-attr, arg-type]
+        transport = self._transport
+        transport.write(data)  # type: ignore[union-attr, arg-type]
+        if self._paused & PAUSED_BY_BACKPRESSURE and (
+            transport.get_write_buffer_size()  # type: ignore[union-attr]
+            > self._service.settings.max_send_buffer_size
+        ):
+            self.abort("no space left in buffer")
+            return False
         return True
 
     def close(self, reason: str | None = None) -> None:
@@ -231,6 +420,44 @@ class Connection(asyncio.Protocol):
             return 0
         return self._transport.get_write_buffer_size()
 
+    def starttls(self, context: ssl.SSLContext | None = None) -> None:
+        """Upgrade this plain connection to TLS (server side), with the service's certificate.
+
+        Call it after writing the protocol's "go ahead" line: that line is sent first. Events
+        wait until the handshake is done; then ``onstarttls(conn)`` runs. A failed handshake
+        closes the connection (``ondisconnect`` with the reason).
+        """
+        context = context or self._service.settings.ssl_context
+        if context is None:
+            raise RuntimeError(
+                f"service {self._service.name}: starttls() needs a certificate: set "
+                f"{self._service.name}_ssl or [ssl] in the config"
+            )
+        if self.ssl():
+            raise RuntimeError("connection is already encrypted")
+        self._await_result("starttls", self._upgrade(context))
+
+    async def _upgrade(self, context: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            transport = await loop.start_tls(
+                self._transport,  # type: ignore[arg-type]
+                self,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=self._service.settings.ssl_handshake_timeout or None,
+            )
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
+            log.debug("starttls handshake failed for %s: %s", self.describe_peer(), exc)
+            self.abort(f"TLS handshake failed: {exc}")
+            return
+        self._transport = transport  # type: ignore[assignment]
+        callback = self._service.onstarttls
+        if callback is not None:
+            result = callback(self)
+            if asyncio.iscoroutine(result):
+                await result
+
     def _peername(self) -> tuple[Any, ...]:
         if self._peer is None:
             peer = self._transport.get_extra_info("peername") if self._transport else None
@@ -238,7 +465,7 @@ class Connection(asyncio.Protocol):
         return self._peer
 
     def ip(self) -> str:
-        """The client's address."""
+        """The client's address (with the PROXY protocol: the original client's)."""
         return self._peername()[0]
 
     def port(self) -> int:
@@ -254,7 +481,23 @@ class Connection(asyncio.Protocol):
 
     def ssl(self) -> bool:
         """Whether the connection is encrypted."""
-        return bool(self._transport and self._transport.get_extra_info("sslcontext"))
+        return bool(self._transport and self._transport.get_extra_info("ssl_object"))
+
+    def ssl_info(self) -> dict[str, Any] | None:
+        """TLS details (version, cipher, ALPN protocol, server name) or None."""
+        obj = self._transport.get_extra_info("ssl_object") if self._transport else None
+        if obj is None:
+            return None
+        return {
+            "version": obj.version(),
+            "cipher": obj.cipher()[0] if obj.cipher() else None,
+            "alpn": obj.selected_alpn_protocol(),
+            "server_name": getattr(obj, "server_hostname", None),
+        }
+
+    def proxy(self) -> tuple[str, int] | None:
+        """The address of the proxy that sent a PROXY header, or None."""
+        return None
 
     @property
     def id(self) -> str:
@@ -275,3 +518,66 @@ class Connection(asyncio.Protocol):
 
     def __repr__(self) -> str:
         return f"<mpnet connection {self.id} {self.describe_peer()} service={self._service.name}>"
+
+
+class ProxiedConnection(Connection):
+    """A connection that must begin with a PROXY protocol header (``<service>_proxy_protocol``).
+
+    The module sees it only once the header is parsed: ``onconnect`` then runs with ``ip()``
+    and ``port()`` already those of the original client; ``proxy()`` gives the proxy's address.
+    """
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        self._parser: ProxyHeaderParser | None = ProxyHeaderParser()
+        self._proxy_peer: tuple[str, int] | None = None
+        self._accepted_at = time.monotonic()
+        self._service.waiting.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None:
+            Connection.data_received(self, data)
+            return
+        try:
+            result = parser.feed(data)
+        except ProxyProtocolError as exc:
+            self._proxy_failed(f"malformed PROXY header: {exc}")
+            return
+        if result is None:
+            return
+        self._parser = None
+        self._service.waiting.discard(self)
+        real = tuple(self._transport.get_extra_info("peername") or ("", 0))[:2]  # type: ignore[union-attr]
+        self._proxy_peer = real  # type: ignore[assignment]
+        if result.source is not None:
+            self._peer = (result.source[0], result.source[1])
+        service = self._service
+        why = service.admit(self)
+        if why is not None:
+            self._closed = True
+            service.refuse(self, self._transport, why)  # type: ignore[arg-type]
+            return
+        self._start(service)
+        if result.remaining and not self._closed:
+            self.data_received(result.remaining)
+
+    def _proxy_failed(self, reason: str) -> None:
+        self._service.waiting.discard(self)
+        peer = self._transport.get_extra_info("peername") if self._transport else None
+        self._service.logger.info(
+            "service %s: closing connection from %s: %s", self._service.name, peer, reason
+        )
+        self._closed = True
+        if self._transport is not None:
+            self._transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._service.waiting.discard(self)
+        if self._parser is not None:
+            self._closed = True
+            return  # never reached the module
+        Connection.connection_lost(self, exc)
+
+    def proxy(self) -> tuple[str, int] | None:
+        return self._proxy_peer

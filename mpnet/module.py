@@ -77,6 +77,7 @@ class Provider:
             "module": self.module.name,
             "default_ports": list(self.default_ports),
             "encryption": self.options.get("encryption"),
+            "multiplex": "multiplex" in self.options,
         }
 
 
@@ -159,6 +160,15 @@ class Module:
         if listener is None or isinstance(listener, (str, bytes, int, float)):
             raise ModuleError(f"{where}: listener must be an object or a dict of callbacks")
         options = {k: merged[k] for k in ("encryption", "multiplex") if k in merged}
+        if options.get("encryption") not in (None, "ssl"):
+            raise ModuleError(f'{where}: encryption must be "ssl" (direct TLS) or absent')
+        if "multiplex" in options:
+            from .multiplex import compile_rule
+
+            try:
+                options["multiplex_rule"] = compile_rule(options["multiplex"], where)
+            except ValueError as exc:
+                raise ModuleError(str(exc)) from None
         # Callbacks are looked up once the module has finished loading, so that, as in
         # Prosody, a module may fill in its listener after calling provides().
         self.providers.append(Provider(name, self, listener, list(ports), {}, options))
@@ -203,6 +213,26 @@ class LoadedModules:
     @property
     def providers(self) -> list[Provider]:
         return [provider for module in self.modules for provider in module.providers]
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every service as plain data, the framework's multiplex services included when a
+        provider joins them (they listen only where the config gives them ports)."""
+        services = [provider.describe() for provider in self.providers]
+        if any(service["multiplex"] for service in services):
+            from .multiplex import MULTIPLEX_SERVICES
+
+            for name in MULTIPLEX_SERVICES:
+                services.append(
+                    {
+                        "name": name,
+                        "module": "mpnet",
+                        "default_ports": [],
+                        "encryption": "ssl" if name.endswith("_ssl") else None,
+                        "multiplex": False,
+                        "optional": True,
+                    }
+                )
+        return services
 
 
 def find_module(spec: str, config: Config) -> tuple[str, Path]:
@@ -304,5 +334,5 @@ def load_modules(
             seen[provider.name] = name
         modules.append(module)
     loaded = LoadedModules(modules)
-    config.check_names([p.name for p in loaded.providers], [m.name for m in modules])
+    config.check_names([s["name"] for s in loaded.describe()], [m.name for m in modules])
     return loaded

@@ -91,6 +91,8 @@ def plan_services(config: Config, services: Iterable[dict[str, Any]]) -> list[Se
             ports, ports_key = config.service_options[name]["ports"], f"{name}_ports"
         else:
             ports, ports_key = info["default_ports"], f"{name}_ports"
+        if not ports and info.get("optional"):
+            continue  # a framework service (multiplex) that the config does not ask for
         if not ports:
             raise ConfigError(
                 f"{config.path}: service {name!r} (module {info['module']!r}) has no default "

@@ -6,20 +6,33 @@ worker keeps a replica, so reads are plain dict reads. The channel protocol (pla
 worker -> master
     ``["sw", table, op, args]``          a write already applied locally (set, del, clear, update)
     ``["sx", request, table, op, args]`` an atomic operation decided by the master (incr,
-                                         setdefault, cas, pop); answered with ``sr``
+                                         setdefault, cas, pop, delete_if); answered with ``sr``
     ``["bc", topic, payload]``           a broadcast
 master -> every worker
     ``["sa", origin_pid, table, op, args]`` a sequenced write (its *effect*: atomics arrive as
-                                         set/del with the master's result)
+                                         set/del with the master's result, with origin 0)
     ``["be", topic, payload]``           a broadcast, in the master's order
 master -> one worker
     ``["sr", request, ok, value]``       the answer to an atomic operation
 
-Read-your-writes with convergence: a worker applies its own write at once and counts it as pending
-for that key. A write from another worker that arrives while the key has pending local writes was
-sequenced *before* them (the master answers in order on each channel), so it is superseded and
-skipped; the worker's own echo then sets the value in the master's order. Every replica therefore
-ends in the master's state.
+Read-your-writes with convergence. A worker applies its own write at once and counts it as
+pending for that key (a ``clear`` counts as pending for every key). The master answers each
+channel in order, so while a worker has pending writes on a key, every write from elsewhere that
+reaches it for that key was sequenced *before* its own and is superseded: it is skipped. The
+worker's own echo is applied only when it is the last pending write on the key (an earlier echo
+would briefly show an older value than the worker's last write), and nothing is applied while an
+own ``clear`` is still pending (that clear, sequenced later, wipes it). Every replica therefore
+ends in the master's state, and a worker always reads its own latest write.
+
+Atomic operations are sent when they are *called* (they return an awaitable future), so they keep
+program order with plain writes made after them. Their effect is broadcast with origin 0: it is
+never one of the requesting worker's pending writes. The answer (``sr``) follows the effect on the
+same channel, so once ``await table.incr(k)`` returns, the local replica shows that value (or a
+later local write).
+
+Values are plain data (None, bool, int, float, str, bytes, list, dict); anything else raises
+``TypeError`` in the writing module, at the write. Treat values read from a table as immutable:
+mutating one in place changes only the local replica (write a modified copy back instead).
 
 A new worker needs no snapshot message: it is forked from the master, so it starts with a copy of
 the master's tables, and every write sequenced after the fork reaches its channel.
@@ -33,17 +46,18 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from .channel import ChannelError, check_plain, decode_payload, encode
+from .channel import MAX_FRAME, ChannelError, check_plain, decode_payload, encode
 from .config import Config
 
 log = logging.getLogger("mpnet.shared")
 
 KEY_TYPES = (str, bytes, int, float, bool)
 _MISSING = object()
+_WRITE_ARITY = {"set": 2, "del": 1, "clear": 0, "update": 1}
 
 
 class SharedError(Exception):
@@ -98,6 +112,12 @@ def run_atomic(data: dict[Any, Any], op: str, args: list[Any]) -> tuple[Any, lis
         if key in data:
             return data[key], ["del", [key]]
         return args[1], None
+    if op == "delete_if":
+        expected = args[1]
+        current = data.get(key, _MISSING)
+        if current is _MISSING or current != expected or type(current) is not type(expected):
+            return False, None
+        return True, ["del", [key]]
     raise SharedError(f"unknown atomic operation {op!r}")
 
 
@@ -105,13 +125,19 @@ def run_atomic(data: dict[Any, Any], op: str, args: list[Any]) -> tuple[Any, lis
 
 
 class SharedTable(MutableMapping[Any, Any]):
-    """A table every worker sees. Reads are local; writes reach every worker (see module doc)."""
+    """A table every worker sees. Reads are local; writes reach every worker (see module doc).
+
+    Plain writes (``t[k] = v``, ``del t[k]``, ``update``, ``clear``) apply locally at once and
+    are sequenced by the master later; atomic operations (``incr``, ``setdefault``, ``cas``,
+    ``pop``, ``delete_if``) are decided by the master and return a future to await.
+    """
 
     def __init__(self, state: SharedState, name: str, data: dict[Any, Any]) -> None:
         self.name = name
         self._state = state
         self._data = data
-        self._pending: dict[Any, int] = {}
+        self._pending: dict[Any, int] = {}  # key -> own writes not yet echoed by the master
+        self._clears = 0  # own clear() calls not yet echoed by the master
 
     def __getitem__(self, key: Any) -> Any:
         return self._data[key]
@@ -131,70 +157,112 @@ class SharedTable(MutableMapping[Any, Any]):
     def __repr__(self) -> str:
         return f"<shared table {self.name!r} {self._data!r}>"
 
-    def _write(self, op: str, args: list[Any], keys: list[Any]) -> None:
-        for key in keys:
-            self._pending[key] = self._pending.get(key, 0) + 1
+    def _write(self, op: str, args: list[Any], keys: Iterable[Any]) -> None:
+        # Sent before the local change: if the message cannot be sent (e.g. it exceeds the
+        # channel's frame limit) the replica must stay as it was. The echo cannot overtake us:
+        # it arrives through the event loop, after this call returns.
         self._state._send(["sw", self.name, op, args])
+        pending = self._pending
+        for key in keys:
+            pending[key] = pending.get(key, 0) + 1
 
     def __setitem__(self, key: Any, value: Any) -> None:
         _check_key(key)
         check_plain(value)
+        self._write("set", [key, value], (key,))
         self._data[key] = value
-        self._write("set", [key, value], [key])
 
     def __delitem__(self, key: Any) -> None:
+        if key not in self._data:
+            raise KeyError(key)
+        self._write("del", [key], (key,))
         del self._data[key]
-        self._write("del", [key], [key])
 
     def clear(self) -> None:
+        self._state._send(["sw", self.name, "clear", []])
+        self._clears += 1
         self._data.clear()
-        self._write("clear", [], [])
 
     def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         changes = dict(*args, **kwargs)
         for key, value in changes.items():
             _check_key(key)
             check_plain(value)
+        if not changes:
+            return
+        self._write("update", [changes], changes)
         self._data.update(changes)
-        self._write("update", [changes], list(changes))
 
     def snapshot(self) -> dict[Any, Any]:
         """A shallow copy of the local replica."""
         return dict(self._data)
 
-    # atomic operations: decided by the master, awaited by the caller
+    # atomic operations: decided by the master; sent at the call, awaited by the caller
 
-    async def incr(self, key: Any, amount: int = 1) -> int:
-        return await self._state._atomic(self.name, "incr", [key, amount])
+    def incr(self, key: Any, amount: int = 1) -> asyncio.Future[int]:
+        """Add *amount* to the integer at *key* (missing counts as 0); resolves to the new value.
 
-    async def setdefault(self, key: Any, value: Any = None) -> Any:  # type: ignore[override]
+        Raises :class:`SharedError` (when awaited) if the value is not an int."""
+        if type(amount) is not int:
+            raise TypeError(f"incr amount must be an int, not {type(amount).__name__}")
+        return self._state._atomic(self.name, "incr", [key, amount])
+
+    def setdefault(self, key: Any, value: Any = None) -> asyncio.Future[Any]:  # type: ignore[override]
+        """Set *key* to *value* unless it exists; resolves to the value *key* then holds."""
         check_plain(value)
-        return await self._state._atomic(self.name, "setdefault", [key, value])
+        return self._state._atomic(self.name, "setdefault", [key, value])
 
-    async def cas(self, key: Any, expected: Any, new: Any) -> bool:
+    def cas(self, key: Any, expected: Any, new: Any) -> asyncio.Future[bool]:
+        """Set *key* to *new* if it holds *expected* (equal and of the same type; a missing key
+        holds None, so ``cas(k, None, v)`` creates *k*); resolves to whether it did."""
         check_plain(expected)
         check_plain(new)
-        return await self._state._atomic(self.name, "cas", [key, expected, new])
+        return self._state._atomic(self.name, "cas", [key, expected, new])
 
-    async def pop(self, key: Any, default: Any = None) -> Any:  # type: ignore[override]
-        return await self._state._atomic(self.name, "pop", [key, default])
+    def pop(self, key: Any, default: Any = None) -> asyncio.Future[Any]:  # type: ignore[override]
+        """Delete *key*; resolves to the value it held, or *default* if it was missing."""
+        return self._state._atomic(self.name, "pop", [key, default])
+
+    def delete_if(self, key: Any, expected: Any) -> asyncio.Future[bool]:
+        """Delete *key* if it holds *expected* (equal and of the same type); resolves to whether
+        it did. The conditional delete that ``pop`` cannot express: expiring or releasing an
+        entry without clobbering a value another worker has put there since."""
+        check_plain(expected)
+        return self._state._atomic(self.name, "delete_if", [key, expected])
 
     # replication
 
     def _apply(self, own: bool, op: str, args: list[Any]) -> None:
+        """Apply a write the master sequenced (see the module docstring for the rules)."""
         pending = self._pending
         if own:
-            keys = [args[0]] if op in ("set", "del") else list(args[0]) if op == "update" else []
+            if op == "clear":
+                self._clears -= 1
+                return  # applied locally already; later local writes must not be lost
+            if op == "update":
+                keys = list(args[0])
+            elif op in ("set", "del"):
+                keys = [args[0]]
+            else:
+                raise ValueError(f"unknown shared-table write {op!r}")
+            settled = []
             for key in keys:
                 count = pending.get(key, 0) - 1
                 if count > 0:
-                    pending[key] = count
+                    pending[key] = count  # a later own write is still on its way
                 else:
                     pending.pop(key, None)
-            if op == "clear":
-                return  # applied locally already; later local writes must not be lost
-            apply_write(self._data, op, args)
+                    settled.append(key)
+            if self._clears or not settled:
+                return
+            if op == "update":
+                changes = args[0]
+                apply_write(self._data, op, [{key: changes[key] for key in settled}])
+            else:
+                apply_write(self._data, op, args)
             return
+        if self._clears:
+            return  # sequenced before our own clear, which wipes it
         if not pending:
             apply_write(self._data, op, args)
         elif op in ("set", "del"):
@@ -205,6 +273,8 @@ class SharedTable(MutableMapping[Any, Any]):
         elif op == "clear":
             for key in [k for k in self._data if k not in pending]:
                 del self._data[key]
+        else:
+            raise ValueError(f"unknown shared-table write {op!r}")
 
 
 class SharedState:
@@ -238,13 +308,22 @@ class SharedState:
     def hook(self, topic: str, handler: Callable[[Any], Any], owner: str = "") -> None:
         self._hooks.setdefault(topic, []).append((handler, owner))
 
-    async def _atomic(self, table: str, op: str, args: list[Any]) -> Any:
+    def _atomic(self, table: str, op: str, args: list[Any]) -> asyncio.Future[Any]:
+        """Send an atomic request now; return the future its answer resolves."""
         _check_key(args[0])
-        request = next(self._request_ids)
         future = asyncio.get_running_loop().create_future()
-        self._requests[request] = future
+        request = next(self._request_ids)
         self._send(["sx", request, table, op, args])
-        return await future
+        self._requests[request] = future
+        return future
+
+    def fail_pending(self, reason: str) -> None:
+        """Fail every unanswered atomic request (the channel to the master is gone, so no answer
+        will come); the worker calls this when it loses its channel."""
+        requests, self._requests = self._requests, {}
+        for future in requests.values():
+            if not future.done():
+                future.set_exception(SharedError(reason))
 
     def message_handlers(self) -> dict[str, Callable[[list[Any]], None]]:
         return {"sa": self._on_write, "sr": self._on_result, "be": self._on_broadcast}
@@ -319,22 +398,29 @@ class SharedMaster:
         kind = message[0]
         if kind == "sw":
             _, name, op, args = message
-            if not isinstance(name, str) or op not in ("set", "del", "clear", "update"):
+            if not isinstance(name, str) or op not in _WRITE_ARITY or not isinstance(args, list):
                 raise ChannelError(f"bad shared write {op!r}")
+            if len(args) != _WRITE_ARITY[op] or (op == "update" and type(args[0]) is not dict):
+                raise ChannelError(f"bad arguments for shared write {op!r}")
             self._write(handle.pid, name, op, args, channels)
         elif kind == "sx":
             _, request, name, op, args = message
+            if not isinstance(name, str) or not isinstance(args, list) or not args:
+                raise ChannelError("bad atomic request")
             table = self.tables.setdefault(name, {})
             try:
                 answer, effect = run_atomic(table, op, args)
-            except (SharedError, TypeError) as exc:
+            except (SharedError, TypeError, IndexError) as exc:
                 handle.channel.send(["sr", request, False, str(exc)])
                 return True
             if effect is not None:
-                self._write(handle.pid, name, effect[0], effect[1], channels)
+                # Origin 0: the effect is not one of the requester's pending plain writes.
+                self._write(0, name, effect[0], effect[1], channels)
             handle.channel.send(["sr", request, True, answer])
         elif kind == "bc":
             _, topic, payload = message
+            if not isinstance(topic, str):
+                raise ChannelError("broadcast topic is not a string")
             frame = encode(["be", topic, payload])
             self._fan_out(frame, channels)
         else:
@@ -479,6 +565,14 @@ def replay_journal(data: bytes, tables: dict[str, dict[Any, Any]], where: str) -
         checksum = int.from_bytes(data[pos + 4 : pos + 8], "big")
         end = pos + 8 + length
         if end > len(data):
+            # Either the body of the last record was cut short by a crash, or the length field
+            # of a record in the middle is damaged. Only the latter leaves whole records after.
+            if length > MAX_FRAME or _next_record(data, pos + 1) is not None:
+                raise StateFileError(
+                    f"{where}: corrupt record at byte {pos} (length {length} runs past the end "
+                    f"of the file, but intact records follow); refusing to load a partial "
+                    f"state (move the file away to start empty)"
+                )
             return pos, count  # body cut short at the end
         payload = data[pos + 8 : end]
         if zlib.crc32(payload) != checksum:
@@ -497,3 +591,29 @@ def replay_journal(data: bytes, tables: dict[str, dict[Any, Any]], where: str) -
         pos = end
         count += 1
     return pos, count
+
+
+def _next_record(data: bytes, start: int) -> int | None:
+    """The offset of the first intact, decodable journal record at or after *start*, or None.
+
+    Used only when a record's length runs past the end of the file, to tell a crash's torn tail
+    (nothing intact after it) from a damaged length field in the middle. A torn tail is shorter
+    than one record, so a longer remainder is corruption without a scan.
+    """
+    if len(data) - start > MAX_FRAME + 8:
+        return start  # too long to be a torn tail: treat as corruption
+    crc32 = zlib.crc32
+    for pos in range(start, len(data) - 8):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        end = pos + 8 + length
+        if end > len(data) or crc32(data[pos + 8 : end]) != int.from_bytes(
+            data[pos + 4 : pos + 8], "big"
+        ):
+            continue
+        try:
+            name, op, args = decode_payload(data[pos + 8 : end])
+        except (ChannelError, ValueError, TypeError):
+            continue
+        if isinstance(name, str) and op in _WRITE_ARITY and isinstance(args, list):
+            return pos
+    return None

@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 from typing import Any
@@ -25,10 +26,12 @@ from typing import Any
 from . import log as mpnet_log
 from .channel import WorkerChannel
 from .config import Config, ConfigError
-from .connection import Service
+from .connection import Service, ServiceSettings, WorkerCounters
 from .module import LoadedModules, ModuleError, load_modules
+from .multiplex import MULTIPLEX_SERVICES, MultiplexService, Rules
 from .portmanager import Binding
 from .shared import SharedState
+from .tls import server_context
 
 try:  # imported in the master, before workers fork and maybe lose the right to read it
     import uvloop
@@ -40,6 +43,7 @@ log = logging.getLogger("mpnet.worker")
 EXIT_OK = 0
 EXIT_BOOT_ERROR = 3
 HEARTBEAT_INTERVAL = 1.0
+SWEEP_INTERVAL = 1.0
 SHUTDOWN_REASON = "server shutting down"
 
 
@@ -96,6 +100,8 @@ class Worker:
         self.modules: LoadedModules | None = None
         self.shared = SharedState(self.send, shared_tables)
         self._stop: asyncio.Future[str] | None = None
+        self._tasks: list[asyncio.Future[Any]] = []
+        self.counters = WorkerCounters()
         self._graceful_timeout = float(config["graceful_timeout"])
         self._message_handlers: dict[str, Any] = {"stop": self._on_stop_message}
         self._message_handlers.update(self.shared.message_handlers())
@@ -139,9 +145,10 @@ class Worker:
             self.send(["boot_error", str(exc)])
             await self._flush_channel()
             return EXIT_BOOT_ERROR
-        heartbeat = asyncio.ensure_future(self._heartbeat())
+        self._tasks.append(asyncio.ensure_future(self._heartbeat()))
         mode = await self._stop
-        heartbeat.cancel()
+        for task in self._tasks:
+            task.cancel()
         await self._shutdown(mode)
         self.send(["stopped", self.served()])
         await self._flush_channel()
@@ -152,26 +159,61 @@ class Worker:
             self.config, self.shared, before_run=lambda: drop_privileges(self.config)
         )
         loop = asyncio.get_running_loop()
-        provided = {provider.name: provider for provider in self.modules.providers}
+        self.counters = WorkerCounters(self.config["max_connections"])
+        contexts = tls_contexts(self.config, self.modules)
+        services: dict[str, Any] = {}
+        for provider in self.modules.providers:
+            settings = service_settings(self.config, provider.name, contexts.get(provider.name))
+            services[provider.name] = Service(provider, self.label, settings, self.counters)
+        for name in MULTIPLEX_SERVICES:
+            if name in self._sockets:
+                services[name] = MultiplexService(
+                    name,
+                    multiplex_rules(self.modules, services),
+                    float(self.config.service_option(name, "ssl_handshake_timeout")),
+                )
         for name in self._sockets:
-            if name not in provided:
+            if name not in services:
                 raise ModuleError(f"service {name!r} is in the port plan but no module provides it")
-        for name, provider in provided.items():
+        for name, service in services.items():
             sockets = self._sockets.get(name)
             if not sockets:
+                if name in MULTIPLEX_SERVICES:
+                    continue
                 raise ModuleError(
                     f"service {name!r} is not in the port plan (did its module change since "
                     f"the configuration was checked?)"
                 )
-            service = Service(provider, self.label)
             self.services[name] = service
+            direct_tls = name == "multiplex_ssl" or (
+                name not in MULTIPLEX_SERVICES
+                and service.provider.options.get("encryption") == "ssl"
+            )
             for _binding, sock in sockets:
                 server = await loop.create_server(
-                    service.protocol_factory, sock=sock, backlog=self.config["backlog"]
+                    service.protocol_factory,
+                    sock=sock,
+                    backlog=self.config["backlog"],
+                    ssl=contexts.get(name) if direct_tls else None,
+                    ssl_handshake_timeout=(
+                        float(self.config.service_option(name, "ssl_handshake_timeout"))
+                        if direct_tls
+                        else None
+                    ),
                 )
                 self.servers.append(server)
+        loop.set_exception_handler(_exception_handler)
+        self._tasks.append(asyncio.ensure_future(self._sweep()))
         self.send(["ready", os.getpid(), self.generation])
         log.debug("serving %s", ", ".join(self.services) or "nothing")
+
+    async def _sweep(self) -> None:
+        """Timeouts, found once a second rather than by a timer per connection."""
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = time.monotonic()
+            for service in self.services.values():
+                service.sweep(now)
 
     # -- channel ------------------------------------------------------------------------------
 
@@ -248,6 +290,78 @@ class Worker:
             for conn in list(service.connections):
                 conn.abort(SHUTDOWN_REASON)
         await asyncio.sleep(0)
+
+
+def tls_contexts(config: Config, loaded: LoadedModules) -> dict[str, ssl.SSLContext]:
+    """A TLS context for every service that has an ``ssl`` table (direct TLS needs one;
+    others use it for ``conn.starttls()``). Raises ConfigError for a bad or missing one."""
+    contexts: dict[str, ssl.SSLContext] = {}
+    services = loaded.describe()
+    alpn = [
+        p.options["multiplex_rule"][1]
+        for p in loaded.providers
+        if "multiplex_rule" in p.options and p.options["multiplex_rule"][1]
+    ]
+    for info in services:
+        name = info["name"]
+        if info.get("optional") and not config.service_key_is_set(name, "ports"):
+            continue
+        context = server_context(config, name, alpn if name == "multiplex_ssl" else None)
+        if context is not None:
+            contexts[name] = context
+        elif info.get("encryption") == "ssl":
+            raise ConfigError(
+                f"{config.path}: service {name!r} uses direct TLS: set {name}_ssl = "
+                f'{{ certificate = "...", key = "..." }} or an [ssl] table'
+            )
+    return contexts
+
+
+def service_settings(
+    config: Config, name: str, context: ssl.SSLContext | None = None
+) -> ServiceSettings:
+    """The transport settings of one service, from ``<service>_<key>`` or the global key."""
+
+    def option(key: str) -> Any:
+        return config.service_option(name, key)
+
+    message = option("limit_message")
+    return ServiceSettings(
+        read_timeout=float(option("read_timeout") or 0),
+        send_timeout=float(option("send_timeout") or 0),
+        ssl_handshake_timeout=float(option("ssl_handshake_timeout")),
+        max_send_buffer_size=int(option("max_send_buffer_size")),
+        max_connections_per_ip=option("max_connections_per_ip"),
+        limit_message=message.encode() if message else None,
+        proxy_protocol=bool(option("proxy_protocol")),
+        ssl_context=context,
+    )
+
+
+def multiplex_rules(loaded: LoadedModules, services: dict[str, Any]) -> Rules:
+    rules = Rules()
+    for provider in loaded.providers:
+        rule = provider.options.get("multiplex_rule")
+        if rule is None:
+            continue
+        pattern, protocol = rule
+        if pattern is not None:
+            rules.patterns.append((pattern, services[provider.name]))
+        if protocol is not None:
+            rules.protocols[protocol] = services[provider.name]
+    return rules
+
+
+def _exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Failed TLS handshakes are the peer's business: debug level, never the module's."""
+    exception = context.get("exception")
+    message = context.get("message", "")
+    if isinstance(exception, (ssl.SSLError, ConnectionError, TimeoutError)) or (
+        "handshake" in message.lower()
+    ):
+        log.debug("%s: %s", message, exception)
+        return
+    loop.default_exception_handler(context)
 
 
 def worker_process(

@@ -1,0 +1,138 @@
+"""Several services on one port, chosen by the first bytes or by TLS ALPN (Prosody's
+mod_net_multiplex).
+
+A provider joins by declaring ``multiplex={"pattern": rb"^GET "}`` (a regex matched against the
+start of the stream) and/or ``multiplex={"protocol": "xmpp-client"}`` (an ALPN protocol ID). The
+framework then offers two services of its own: ``multiplex`` (plain) and ``multiplex_ssl`` (direct
+TLS); they listen only where the config gives them ports (``multiplex_ports``,
+``multiplex_ssl_ports``). The first bytes are held until one pattern matches; then the
+connection is handed, with those bytes, to the chosen service as if it had connected there.
+Nothing matching within ``MAX_SNIFF`` bytes (or within the handshake timeout) closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .connection import Service
+
+MULTIPLEX_SERVICES = ("multiplex", "multiplex_ssl")
+MAX_SNIFF = 4096
+
+log = logging.getLogger("mpnet.multiplex")
+
+
+def compile_rule(
+    options: dict[str, Any], where: str
+) -> tuple[re.Pattern[bytes] | None, str | None]:
+    """Validate a provider's ``multiplex`` table: (pattern, ALPN protocol)."""
+    if not isinstance(options, dict) or not set(options) <= {"pattern", "protocol"} or not options:
+        raise ValueError(f"{where}: multiplex must be a dict with 'pattern' and/or 'protocol'")
+    pattern = options.get("pattern")
+    protocol = options.get("protocol")
+    compiled = None
+    if pattern is not None:
+        if isinstance(pattern, str):
+            pattern = pattern.encode()
+        if not isinstance(pattern, bytes):
+            raise ValueError(f"{where}: multiplex pattern must be bytes or str")
+        try:
+            compiled = re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"{where}: multiplex pattern {pattern!r}: {exc}") from None
+    if protocol is not None and not isinstance(protocol, str):
+        raise ValueError(f"{where}: multiplex protocol must be a string (an ALPN protocol ID)")
+    return compiled, protocol
+
+
+@dataclass
+class Rules:
+    """Which service a multiplexed connection goes to (pure: bytes and names in, service out)."""
+
+    patterns: list[tuple[re.Pattern[bytes], Any]] = field(default_factory=list)
+    protocols: dict[str, Any] = field(default_factory=dict)
+
+    def by_protocol(self, protocol: str | None) -> Any:
+        return self.protocols.get(protocol) if protocol else None
+
+    def by_data(self, data: bytes) -> Any:
+        """The service whose pattern matches the start of *data*, else None (wait for more)."""
+        for pattern, service in self.patterns:
+            if pattern.match(data):
+                return service
+        return None
+
+
+class Sniffer(asyncio.Protocol):
+    """The protocol of a connection on a multiplex port until a service is chosen."""
+
+    def __init__(self, owner: MultiplexService) -> None:
+        self.owner = owner
+        self.buffer = b""
+        self.transport: asyncio.Transport | None = None
+        self.accepted_at = time.monotonic()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.owner.waiting.add(self)
+        ssl_object = transport.get_extra_info("ssl_object")
+        protocol = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+        service = self.owner.rules.by_protocol(protocol)
+        if service is not None:
+            self._hand_over(service)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        service = self.owner.rules.by_data(self.buffer)
+        if service is not None:
+            self._hand_over(service)
+        elif len(self.buffer) > MAX_SNIFF:
+            self.fail(f"no multiplexed service matches the first {len(self.buffer)} bytes")
+
+    def _hand_over(self, service: Service) -> None:
+        self.owner.waiting.discard(self)
+        conn = service.protocol_factory()
+        transport = self.transport
+        assert transport is not None
+        transport.set_protocol(conn)
+        conn.connection_made(transport)
+        if self.buffer and not conn.closed:
+            conn.data_received(self.buffer)
+        self.buffer = b""
+
+    def fail(self, reason: str) -> None:
+        self.owner.waiting.discard(self)
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        log.info("service %s: closing connection from %s: %s", self.owner.name, peer, reason)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner.waiting.discard(self)
+
+
+class MultiplexService:
+    """``multiplex`` or ``multiplex_ssl`` in one worker."""
+
+    def __init__(self, name: str, rules: Rules, handshake_timeout: float) -> None:
+        self.name = name
+        self.rules = rules
+        self.waiting: set[Sniffer] = set()
+        self.handshake_timeout = handshake_timeout
+        self.connections: set[Any] = set()  # the chosen services own their connections
+        self.served = 0
+
+    def protocol_factory(self) -> Sniffer:
+        self.served += 1
+        return Sniffer(self)
+
+    def sweep(self, now: float) -> None:
+        for sniffer in list(self.waiting):
+            if now - sniffer.accepted_at >= self.handshake_timeout:
+                sniffer.fail("no data matching a multiplexed service in time")
