@@ -109,10 +109,10 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 @dataclass
 class TreeSample:
-    """CPU seconds (user + system) of every process in a tree at one moment."""
+    """CPU seconds (user + system) and thread count of every process in a tree at one moment."""
 
     cpu: dict[tuple[int, float], float]  # (pid, create_time) -> seconds
-    names: dict[tuple[int, float], str]
+    threads: dict[tuple[int, float], int]
     root: tuple[int, float]
 
     @property
@@ -127,7 +127,7 @@ def sample_tree(root: psutil.Process) -> TreeSample:
     Children that exit while we look are skipped; the caller sees the tree changed.
     """
     cpu: dict[tuple[int, float], float] = {}
-    names: dict[tuple[int, float], str] = {}
+    threads: dict[tuple[int, float], int] = {}
     procs = [root, *root.children(recursive=True)]
     for proc in procs:
         try:
@@ -135,11 +135,11 @@ def sample_tree(root: psutil.Process) -> TreeSample:
                 key = (proc.pid, proc.create_time())
                 times = proc.cpu_times()
                 cpu[key] = times.user + times.system
-                names[key] = " ".join(proc.cmdline()[:3]) or proc.name()
+                threads[key] = proc.num_threads()
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             if proc is root:
                 raise
-    return TreeSample(cpu, names, (root.pid, root.create_time()))
+    return TreeSample(cpu, threads, (root.pid, root.create_time()))
 
 
 # -- servers ------------------------------------------------------------------------------------
@@ -340,8 +340,12 @@ def measure(server: Server, test: str, rnd: int, args: argparse.Namespace) -> Ru
         gone = sorted(pid for pid, _ in set(before.cpu) - set(after.cpu))
         new = sorted(pid for pid, _ in set(after.cpu) - set(before.cpu))
         changed = f"process tree changed during the window (gone: {gone}, new: {new})"
+    # Label each process; the thread count is shown because a multithreaded process pays more
+    # per syscall (see baseline_echo.py), which is worth knowing when comparing.
     by_process = {
-        f"{after.names[key]} [{key[0]}]": after.cpu[key] - before.cpu.get(key, 0.0)
+        f"{'root' if key == after.root else 'child'} {key[0]} ({after.threads[key]} thr)": (
+            after.cpu[key] - before.cpu.get(key, 0.0)
+        )
         for key in after.cpu
     }
     # Only processes present at both ends are summed; a change is flagged above.
@@ -381,9 +385,8 @@ def print_run(run: Run) -> None:
         f"{run.per_cpu:>8.0f} per CPU-s  loadgen CPU {run.loadgen_cpu:5.2f} s  "
         f"errors: {errors}{flag}"
     )
-    if run.kind == "mpnet":
-        parts = ", ".join(f"{name}: {cpu:.2f} s" for name, cpu in run.cpu_by_process.items())
-        print(f"      mpnet CPU by process: {parts}")
+    parts = ", ".join(f"{name}: {cpu:.2f} s" for name, cpu in run.cpu_by_process.items())
+    print(f"      CPU by process: {parts}")
     if run.tree_changed:
         print(f"      !!! {run.kind}: {run.tree_changed}")
 

@@ -581,3 +581,87 @@ class ProxiedConnection(Connection):
 
     def proxy(self) -> tuple[str, int] | None:
         return self._proxy_peer
+
+
+class OutgoingConnection(Connection):
+    """A connection mpnet opens (``module.connect``, Prosody's ``addclient``).
+
+    It is returned at once; writes made before the connection is up are queued and sent when it
+    is. ``onconnect`` runs once connected; if connecting fails or times out, ``ondisconnect``
+    runs with the reason (as Prosody does), without an ``onconnect`` before it.
+    """
+
+    def __init__(self, service: Service) -> None:
+        super().__init__(service)
+        self._early: list[bytes] = []
+        self.connecting = True
+
+    def write(self, data: bytes | str) -> bool:
+        if self.connecting and not self._closed:
+            self._early.append(data.encode() if isinstance(data, str) else bytes(data))
+            return True
+        return Connection.write(self, data)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.connecting = False
+        self._transport = transport  # type: ignore[assignment]
+        if self._closed:  # closed by the module while connecting
+            transport.close()
+            return
+        self._start(self._service)
+        early, self._early = self._early, []
+        for chunk in early:
+            Connection.write(self, chunk)
+
+    def close(self, reason: str | None = None) -> None:
+        if self.connecting:
+            self._close_reason = self._close_reason or reason
+            self._closed = True
+            task = self.__dict__.get("_connect_task")
+            if task is not None:
+                task.cancel()
+            return
+        Connection.close(self, reason)
+
+    def failed(self, reason: str) -> None:
+        """Connecting did not work: tell the module through ``ondisconnect``."""
+        self.connecting = False
+        self._closed = True
+        ondisconnect = self._service.ondisconnect
+        if ondisconnect is not None:
+            self._event("ondisconnect", ondisconnect, (reason,))
+
+
+def open_connection(
+    service: Service,
+    host: str,
+    port: int,
+    timeout: float = 10.0,
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+) -> OutgoingConnection:
+    """Start connecting; return the connection object at once (see :class:`OutgoingConnection`)."""
+    conn = OutgoingConnection(service)
+    loop = asyncio.get_running_loop()
+
+    async def connect() -> None:
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: conn,
+                    host,
+                    port,
+                    ssl=ssl_context,
+                    server_hostname=server_hostname if ssl_context else None,
+                ),
+                timeout,
+            )
+        except asyncio.CancelledError:
+            conn.failed(conn._close_reason or "closed before connecting")
+        except TimeoutError:
+            conn.failed(f"connect to {host}:{port} timed out after {timeout:g}s")
+        except (OSError, ssl.SSLError) as exc:
+            conn.failed(f"connect to {host}:{port} failed: {exc.strerror or exc}")
+
+    conn.__dict__["_connect_task"] = asyncio.ensure_future(connect())
+    return conn

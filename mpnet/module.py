@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from .config import Config
 
 if TYPE_CHECKING:
+    from .connection import Connection
     from .shared import SharedState, SharedTable
 
 CALLBACK_NAMES = (
@@ -115,6 +116,7 @@ class Module:
         self.providers: list[Provider] = []
         self.logger = logging.getLogger(f"mpnet.module.{name}")
         self._shared: SharedState | None = None
+        self._outgoing: dict[int, Any] = {}
 
     def __repr__(self) -> str:
         return f"<mpnet module {self.name!r} from {self.path}>"
@@ -196,6 +198,30 @@ class Module:
     def hook(self, topic: str, handler: Callable[[Any], Any]) -> None:
         """Register *handler(payload)* for broadcasts on *topic*."""
         self._require_shared().hook(topic, handler, self.name)
+
+    def connect(
+        self,
+        host: str,
+        port: int,
+        listener: Any,
+        *,
+        timeout: float = 10.0,
+        ssl: Any = None,
+        server_hostname: str | None = None,
+    ) -> Connection:
+        """Open an outgoing connection served by *listener*'s callbacks (Prosody's
+        ``addclient``). Returns the connection at once; see
+        :class:`mpnet.connection.OutgoingConnection`. Worker processes only."""
+        from .connection import Service, open_connection
+
+        service = self._outgoing.get(id(listener))
+        if service is None or service.provider.listener is not listener:
+            where = f"module {self.name!r}, module.connect()"
+            callbacks = listener_callbacks(listener, where)
+            provider = Provider(f"{self.name}_outgoing", self, listener, [], callbacks)
+            service = Service(provider, "out.")
+            self._outgoing[id(listener)] = service
+        return open_connection(service, host, port, timeout, ssl, server_hostname or host)
 
     def _require_shared(self) -> SharedState:
         if self._shared is None:
