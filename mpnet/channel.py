@@ -71,11 +71,11 @@ def _encode_into(out: bytearray, value: Any, depth: int) -> None:
         if _INT_MIN <= value <= _INT_MAX:
             out += b"i"
             out += _INT.pack(value)
-        else:
-            digits = str(value).encode()
+        else:  # big-endian two's complement: no decimal digit limit, no str() round trip
+            raw = value.to_bytes((value.bit_length() + 8) // 8, "big", signed=True)
             out += b"I"
-            out += _LEN.pack(len(digits))
-            out += digits
+            out += _LEN.pack(len(raw))
+            out += raw
     elif kind is float:
         out += b"d"
         out += _FLOAT.pack(value)
@@ -97,6 +97,8 @@ def _encode_into(out: bytearray, value: Any, depth: int) -> None:
         out += b"m"
         out += _LEN.pack(len(value))
         for key, item in value.items():
+            if type(key) not in (str, bytes, int, float, bool) and key is not None:
+                raise TypeError(f"dict key of type {type(key).__name__} is not plain data")
             _encode_into(out, key, depth + 1)
             _encode_into(out, item, depth + 1)
     else:
@@ -149,16 +151,15 @@ def _decode_value(buf: bytes | memoryview, pos: int, depth: int) -> tuple[Any, i
         raw = bytes(buf[pos:end])
         if tag == 0x62:
             return raw, end
+        if tag == 0x49:
+            value = int.from_bytes(raw, "big", signed=True)
+            if _INT_MIN <= value <= _INT_MAX:  # also rejects an empty one: one encoding per int
+                raise ChannelError("invalid big integer (fits 64 bits)")
+            return value, end
         try:
-            text = raw.decode()
+            return raw.decode(), end
         except UnicodeDecodeError as exc:
             raise ChannelError(f"invalid UTF-8 in string: {exc}") from None
-        if tag == 0x73:
-            return text, end
-        try:
-            return int(text), end
-        except ValueError:
-            raise ChannelError("invalid big integer") from None
     if tag == 0x6C:  # l
         if length > len(buf) - pos:
             raise ChannelError("list longer than its frame")
@@ -232,9 +233,9 @@ class MasterChannel:
 
     The master never blocks on a worker: ``send`` queues and writes what the socket takes now;
     the rest goes out when the selector reports the socket writable (``flush``). If a worker
-    stops reading and its queue passes ``max_backlog`` bytes, ``send`` raises ChannelError so the
-    master can cut that worker off rather than grow without bound: ``send`` then drops the
-    queue and sets ``failed`` to the reason, which the master checks once per loop.
+    stops reading and its queue passes ``max_backlog`` bytes, ``send`` drops the queue and sets
+    ``failed`` to the reason; the master checks it once per loop and cuts that worker off rather
+    than grow without bound.
     """
 
     def __init__(self, sock: socket.socket, max_backlog: int = 256 * 1024 * 1024) -> None:

@@ -78,6 +78,8 @@ def _string_list(value: Any) -> str | None:
 def _interfaces(value: Any) -> str | None:
     if isinstance(value, str) and value:
         return None
+    if value == []:
+        return "at least one address"
     return _string_list(value) and "an address or a list of addresses"
 
 

@@ -52,6 +52,9 @@ BACKOFF_MAX = 30.0
 HEALTHY_AFTER = 10.0  # a worker that ran this long resets its slot's crash back-off
 TRACEBACK_GRACE = 1.0  # time a blocked worker gets to write its traceback before SIGKILL
 MEMORY_CHECK_EVERY = 5.0
+# Heartbeats that arrived while the master itself was busy (a reload's module check can take
+# seconds) are still unread; a pass that took longer than this judges no worker's silence.
+STALL_GRACE = 0.5
 STATUS_EVERY = 5.0
 TCP_MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
 
@@ -120,6 +123,7 @@ class Master:
         self._next_memory_check = 0.0
         self._next_status = 0.0
         self._next_watchdog = 0.0
+        self._polled_at = time.monotonic()  # when the loop last looked at the channels
 
     # -- public entry -------------------------------------------------------------------------
 
@@ -234,9 +238,14 @@ class Master:
         self.shared.tick()
 
     def _next_timeout(self) -> float:
+        """Sleep until the next thing due: a respawn, a SIGKILL deadline, a watchdog ping."""
         timeout = 1.0
         now = time.monotonic()
-        for when in self._respawn_at.values():
+        deadlines = list(self._respawn_at.values())
+        deadlines += [h.kill_at for h in self.workers.values() if h.kill_at is not None]
+        if self.notifier is not None and self.notifier.watchdog_interval():
+            deadlines.append(self._next_watchdog)
+        for when in deadlines:
             timeout = min(timeout, max(0.0, when - now))
         return timeout
 
@@ -245,6 +254,7 @@ class Master:
             events = self.selector.select(timeout)
         except InterruptedError:
             return
+        self._polled_at = time.monotonic()
         for key, mask in events:
             data = key.data
             if data is None:
@@ -528,19 +538,29 @@ class Master:
         self._kill(handle, signal.SIGTERM)
 
     def _finish_transitions(self) -> None:
-        """Close what no worker needs any more, once the workers that used it are gone."""
-        if all(h.slot < self.slots for h in self.workers.values()):
+        """Close what no worker accepts on any more, once the workers that did were told to drain.
+
+        A draining worker has stopped accepting (it closes its own copy of the listening sockets
+        first thing), so the master's copy is then the only thing keeping such a socket open:
+        kept until the drain ends, it would queue connections that nobody accepts for up to
+        graceful_timeout, then reset them. Closed now, the kernel moves them to the other
+        sockets of the port (net.ipv4.tcp_migrate_req = 1) and new ones go elsewhere or are
+        refused (a port no longer served).
+        """
+        if all(h.slot < self.slots for h in self.workers.values() if h.active):
             for slot in self.ledger.shrink_slots(self.slots):
                 log.debug("closed the sockets of slot %d", slot)
-        old_left = any(h.generation < self.generation for h in self.workers.values())
-        if not old_left:
+        old_active = any(h.generation < self.generation and h.active for h in self.workers.values())
+        if not old_active:
             for binding in self.ledger.release_unplanned():
                 log.info(
                     "closed %s (service %s no longer listens there)",
                     binding.address,
                     binding.service,
                 )
-        if self.reloading and not old_left and self._all_ready():
+        # Complete once the new generation serves every slot; old workers may still drain
+        # their connections (up to graceful_timeout) without holding up the next reload.
+        if self.reloading and not old_active and self._all_ready():
             self.reloading = False
             log.info("reload complete: generation %d serves every slot", self.generation)
             if self.notifier is not None:
@@ -551,15 +571,19 @@ class Master:
         now = time.monotonic()
         worker_timeout = float(self.config["worker_timeout"])
         boot_timeout = float(self.config["boot_timeout"])
+        stalled = now - self._polled_at > STALL_GRACE
         for handle in list(self.workers.values()):
-            if handle.kill_at is not None and now > handle.kill_at:
-                log.warning(
-                    "worker %d (pid %d) did not stop in time; killing it", handle.slot, handle.pid
-                )
-                handle.kill_at = None
-                self._kill(handle, signal.SIGKILL)
-                continue
             if handle.kill_at is not None:
+                if now > handle.kill_at:
+                    log.warning(
+                        "worker %d (pid %d) did not stop in time; killing it",
+                        handle.slot,
+                        handle.pid,
+                    )
+                    handle.kill_at = float("inf")  # reaped soon; judged no more
+                    self._kill(handle, signal.SIGKILL)
+                continue
+            if stalled or not handle.active:
                 continue
             if handle.state == "booting":
                 silent, limit, what = now - handle.started, boot_timeout, "boot_timeout"
@@ -608,9 +632,12 @@ class Master:
             return
         now = time.monotonic()
         interval = notifier.watchdog_interval()
-        if interval and now >= self._next_watchdog and self._healthy():
-            notifier.watchdog()
-            self._next_watchdog = now + interval
+        if interval and now >= self._next_watchdog:
+            if self._healthy():
+                notifier.watchdog()
+                self._next_watchdog = now + interval
+            else:  # look again soon, without spinning
+                self._next_watchdog = now + interval / 4
         if now >= self._next_status:
             notifier.status(self._status_line())
             self._next_status = now + STATUS_EVERY
@@ -618,6 +645,8 @@ class Master:
     def _healthy(self) -> bool:
         """Every ready worker's loop answered within worker_timeout (the watchdog's condition)."""
         now = time.monotonic()
+        if now - self._polled_at > STALL_GRACE:
+            return False  # heartbeats may wait unread: decide on the next pass
         limit = float(self.config["worker_timeout"]) or float("inf")
         return all(
             now - h.last_heartbeat < limit for h in self.workers.values() if h.state == "ready"

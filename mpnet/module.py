@@ -140,7 +140,7 @@ class Module:
                 f"known: {', '.join(sorted(PROVIDER_FIELDS))}"
             )
         name = merged.get("name", self.name)
-        if not isinstance(name, str) or not SERVICE_NAME.match(name):
+        if not isinstance(name, str) or not SERVICE_NAME.fullmatch(name):
             raise ModuleError(
                 f"{where}: provider name {name!r} must be letters, digits and single underscores"
             )
@@ -269,7 +269,7 @@ def find_module(spec: str, config: Config) -> tuple[str, Path]:
         if not path.is_file():
             raise ModuleError(f"{config.path}: module file {spec!r} not found (looked at {path})")
         return path.stem, path
-    if not SERVICE_NAME.match(spec):
+    if not SERVICE_NAME.fullmatch(spec):
         raise ModuleError(f"{config.path}: module name {spec!r} is not a valid module name")
     searched = [config.resolve_path(p) for p in config["module_paths"]] + [bundled_dir()]
     for directory in searched:

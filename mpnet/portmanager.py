@@ -252,6 +252,8 @@ class PortLedger:
                 held = self.bindings.get(binding_key(plan.service, endpoint))
                 if held is not None or endpoint.port == 0 or self._activated(endpoint):
                     continue
+                if self._holds_overlapping(endpoint):
+                    continue  # our own SO_REUSEPORT sockets: a plain-bind probe would fail on them
                 probe(endpoint, plan)
 
     def apply(self, plans: list[ServicePlan], slots: int) -> list[Binding]:
@@ -280,6 +282,12 @@ class PortLedger:
             raise
         self.plans = plans
         return added
+
+    def _holds_overlapping(self, endpoint: Endpoint) -> bool:
+        return any(
+            Endpoint(binding.endpoint.host, binding.port).overlaps(endpoint)
+            for binding in self.bindings.values()
+        )
 
     def _activated(self, endpoint: Endpoint) -> Any:
         for activated in self.adoptable:
@@ -346,7 +354,10 @@ class PortLedger:
     def slot_sockets(self, slot: int) -> dict[str, list[tuple[Binding, socket.socket]]]:
         """The sockets a worker in *slot* accepts on, grouped by service."""
         result: dict[str, list[tuple[Binding, socket.socket]]] = {}
-        for binding in self.bindings.values():
+        wanted = {binding_key(p.service, e) for p in self.plans for e in p.endpoints}
+        for key, binding in self.bindings.items():
+            if key not in wanted:
+                continue  # being released: only workers of an older generation still use it
             # An adopted systemd socket is a single socket shared by every slot.
             index = 0 if binding.adopted else slot
             if index < len(binding.sockets):

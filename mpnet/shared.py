@@ -576,7 +576,7 @@ def replay_journal(data: bytes, tables: dict[str, dict[Any, Any]], where: str) -
             return pos, count  # body cut short at the end
         payload = data[pos + 8 : end]
         if zlib.crc32(payload) != checksum:
-            if end == len(data):
+            if end == len(data) and _next_record(data, pos + 1) is None:
                 return pos, count  # a torn last write: the tail of a crash, like a short one
             raise StateFileError(
                 f"{where}: corrupt record at byte {pos} (checksum mismatch) with "
@@ -586,7 +586,7 @@ def replay_journal(data: bytes, tables: dict[str, dict[Any, Any]], where: str) -
         try:
             name, op, args = decode_payload(payload)
             apply_write(tables.setdefault(name, {}), op, args)
-        except (ChannelError, ValueError, TypeError) as exc:
+        except (ChannelError, ValueError, TypeError, IndexError, KeyError) as exc:
             raise StateFileError(f"{where}: undecodable record at byte {pos}: {exc}") from None
         pos = end
         count += 1

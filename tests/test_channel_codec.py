@@ -199,24 +199,12 @@ def test_self_referencing_value_is_refused_without_recursion_error() -> None:
         check_plain(loop)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="BUG: encode writes big ints as decimal text via str(), which raises ValueError past "
-    "sys.get_int_max_str_digits() (4300 digits) for a value check_plain accepts",
-)
 def test_huge_int_round_trips() -> None:
     value = 2**20000 + 1
     check_plain(value)
     assert roundtrip(value) == value
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="BUG: encode does not check dict key types, so a tuple key is encoded as a list key "
-    "that every decoder rejects with ChannelError (the peer is cut off)",
-)
 def test_encode_refuses_a_dict_key_the_decoder_would_reject() -> None:
     with pytest.raises(TypeError, match="tuple"):
         encode({(1, 2): "x"})
@@ -341,9 +329,8 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("stray bytes after list", b"l" + u32(0) + b"TF", "2 stray bytes"),
     ("invalid utf-8", b"s" + u32(2) + b"\xff\xfe", "invalid UTF-8"),
     ("surrogate utf-8", b"s" + u32(3) + b"\xed\xa0\x80", "invalid UTF-8"),
-    ("invalid big int", b"I" + u32(3) + b"abc", "invalid big integer"),
     ("empty big int", b"I" + u32(0), "invalid big integer"),
-    ("big int bad utf-8", b"I" + u32(1) + b"\xff", "invalid UTF-8"),
+    ("big int that fits 64 bits", b"I" + u32(1) + b"\x05", "invalid big integer"),
     ("list count beyond frame", b"l" + u32(5) + b"N", "list longer than its frame"),
     ("list huge count", b"l\xff\xff\xff\xff", "list longer than its frame"),
     ("list missing item", b"l" + u32(2) + b"Ns", "truncated"),

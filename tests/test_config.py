@@ -228,7 +228,6 @@ def test_value_with_newline_is_quoted_on_one_line() -> None:
         'state_fsync = "never"',
         'state_fsync = "everysec"',
         'interfaces = "::1"',
-        "interfaces = []",
         "ssl = {}",
         "echo_ssl = { certificate = 'c.pem', key = 'k.pem' }",
         "echo_proxy_protocol = true",

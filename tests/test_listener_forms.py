@@ -322,12 +322,6 @@ def test_invalid_provider_names(env: Env, name: Any) -> None:
     assert "(line 4)" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="BUG: SERVICE_NAME is matched with re.match and '$', which also matches before a "
-    "trailing newline, so the name 'echo\\n' passes validation (use fullmatch or \\Z)",
-)
 def test_provider_name_with_trailing_newline_is_invalid(env: Env) -> None:
     env.module("nl", LISTENER + 'module.provides("net", listener=listener, name="echo\\n")\n')
     env.error(["nl"])
@@ -524,7 +518,7 @@ def test_indentation_error(env: Env) -> None:
 
 def test_syntax_error_stops_before_any_module_runs(env: Env) -> None:
     marker = env.root / "ran"
-    env.module("good", f"open({str(marker)!r}, 'a').write('good')\n")
+    env.module("good", f"with open({str(marker)!r}, 'a') as out:\n    out.write('good')\n")
     env.module("bad", "def (\n")
     with pytest.raises(ModuleError, match="'bad'"):
         env.load(["good", "bad"])
@@ -533,8 +527,8 @@ def test_syntax_error_stops_before_any_module_runs(env: Env) -> None:
 
 def test_before_run_is_called_after_compiling_and_before_running(env: Env) -> None:
     log = env.root / "order"
-    env.module("a", f"open({str(log)!r}, 'a').write('run a\\n')\n")
-    env.module("b", f"open({str(log)!r}, 'a').write('run b\\n')\n")
+    for name in ("a", "b"):
+        env.module(name, f"with open({str(log)!r}, 'a') as out:\n    out.write('run {name}\\n')\n")
 
     def before_run() -> None:
         with open(log, "a") as out:

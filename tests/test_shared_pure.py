@@ -285,13 +285,6 @@ def test_replay_corrupt_length_in_the_middle_is_an_error(journal: Journal) -> No
     assert silent == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="BUG: a damaged length field of a middle record that makes it end exactly at the end "
-    "of the data fails the checksum with end == len(data) and is taken for a torn last write: "
-    "replay_journal returns silently and Store.load truncates every later record away",
-)
 def test_replay_corrupt_length_ending_exactly_at_the_end_is_an_error(journal: Journal) -> None:
     data = bytearray(journal.data)
     start = journal.boundaries[-3]  # two intact records follow
@@ -324,12 +317,6 @@ def test_replay_undecodable_record_with_a_good_checksum(payload: bytes) -> None:
         replay_journal(first + record(payload), {}, "j")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=IndexError,
-    reason="BUG: replay_journal catches ChannelError/ValueError/TypeError only; a well-formed "
-    "record whose args are too short (['t', 'set', []]) escapes as IndexError",
-)
 def test_replay_record_with_short_args_is_a_state_file_error() -> None:
     with pytest.raises(StateFileError, match="undecodable record at byte 0"):
         replay_journal(record(encode(["t", "set", []])[4:]), {}, "j")
@@ -768,22 +755,22 @@ async def _simulate(
 
 
 def test_replicas_converge_with_set_del_update() -> None:
-    for seed in range(150):
+    for seed in range(100):
         simulate(seed, with_clear=False)
 
 
 def test_replicas_converge_with_one_writer() -> None:
-    for seed in range(100):
+    for seed in range(50):
         simulate(seed, with_clear=False, replicas=1)
 
 
 def test_replicas_converge_with_clear() -> None:
-    for seed in range(150):
+    for seed in range(100):
         simulate(seed, with_clear=True)
 
 
 def test_replicas_converge_with_atomics_and_clear() -> None:
-    for seed in range(200):
+    for seed in range(150):
         simulate(seed, with_clear=True, with_atomics=True)
 
 
