@@ -42,9 +42,8 @@ async def serve(host: str, port: int, backlog: int) -> None:
     loop = asyncio.get_running_loop()
     # Bind the socket here rather than passing host and port: resolving them would run
     # getaddrinfo in a thread pool (libuv's, or asyncio's executor), leaving idle threads
-    # behind.  A multithreaded process pays more per syscall (the kernel's single-threaded
-    # fast path for file descriptor lookups is lost), and an mpnet worker, which is handed
-    # ready sockets, stays single-threaded: so must the baseline.
+    # behind.  An mpnet worker is handed ready sockets and stays single-threaded, so the
+    # baseline does too (a multithreaded process pays slightly more per syscall).
     sock = socket.create_server((host, port), backlog=backlog)
     server = await loop.create_server(EchoProtocol, sock=sock, backlog=backlog)
     bound = server.sockets[0].getsockname()[1]

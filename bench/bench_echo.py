@@ -12,7 +12,7 @@ a fresh server, waits for its port, runs a short warm-up, then two measured load
 * connect: M concurrent loops of connect, one message, verified reply, close.
 
 Over each load window it samples the CPU time (user + system) of the server's whole process tree
-(the root process and all its descendants), so the result does not depend on how much CPU the
+(the root process and all its descendants), so the result depends much less on how much CPU the
 noisy machine happened to leave over: *messages per server CPU-second* is the figure to compare.
 The headline is the ratio mpnet / baseline of that figure, the median of the per-round ratios.
 
@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -121,10 +121,14 @@ class TreeSample:
 
 
 def sample_tree(root: psutil.Process) -> TreeSample:
-    """Sum up user+sys CPU time of root and all its recursive children.
+    """Take the user+sys CPU time of root and all its recursive children.
 
-    Processes are keyed by (pid, create_time) so a PID reused within the window is noticed.
-    Children that exit while we look are skipped; the caller sees the tree changed.
+    Each process counts its own time plus that of the children it has reaped
+    (``children_user``/``children_system``): a worker that exits and is reaped by the master
+    during the window moves its time into the master's, so the tree's total stays exact. The
+    difference of two totals is the CPU the tree used in between, even if workers came and went
+    (which the caller flags anyway). Processes are keyed by (pid, create_time) so a reused PID
+    is noticed. Children that exit while we look are skipped.
     """
     cpu: dict[tuple[int, float], float] = {}
     threads: dict[tuple[int, float], int] = {}
@@ -134,7 +138,7 @@ def sample_tree(root: psutil.Process) -> TreeSample:
             with proc.oneshot():
                 key = (proc.pid, proc.create_time())
                 times = proc.cpu_times()
-                cpu[key] = times.user + times.system
+                cpu[key] = times.user + times.system + times.children_user + times.children_system
                 threads[key] = proc.num_threads()
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             if proc is root:
@@ -226,6 +230,13 @@ def wait_for_port(server: Server, deadline_s: float) -> None:
     )
 
 
+def pin_to(cpu: int | None) -> Callable[[], None] | None:
+    """A preexec_fn that pins the child (and whatever it forks later) to one CPU, or None."""
+    if cpu is None:
+        return None
+    return lambda: os.sched_setaffinity(0, {cpu})
+
+
 def start_server(kind: str, workdir: Path, args: argparse.Namespace) -> Server:
     """Start one server of the given kind on a fresh port and wait until it listens."""
     port = free_port()
@@ -250,7 +261,12 @@ def start_server(kind: str, workdir: Path, args: argparse.Namespace) -> Server:
         # A session of its own: Ctrl-C reaches only this script, which then stops the server
         # in order instead of racing it.
         proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+            start_new_session=True,
+            preexec_fn=pin_to(args.server_cpu),
         )
     server = Server(kind, port, proc, log)
     try:
@@ -292,9 +308,11 @@ class Run:
         return self.messages / self.server_cpu if self.server_cpu > 0 else float("nan")
 
 
-def run_loadgen(cmd: list[str], timeout: float) -> dict[str, Any]:
+def run_loadgen(cmd: list[str], timeout: float, cpu: int | None) -> dict[str, Any]:
     """Run loadgen to completion and return its JSON result; kill it if anything goes wrong."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=pin_to(cpu)
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:
@@ -330,7 +348,7 @@ def measure(server: Server, test: str, rnd: int, args: argparse.Namespace) -> Ru
     before = sample_tree(root)
     lg_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
-    result = run_loadgen(cmd, args.seconds + 60)
+    result = run_loadgen(cmd, args.seconds + 60, args.loadgen_cpu)
     wall = time.monotonic() - t0
     lg_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     after = sample_tree(root)
@@ -348,8 +366,7 @@ def measure(server: Server, test: str, rnd: int, args: argparse.Namespace) -> Ru
         )
         for key in after.cpu
     }
-    # Only processes present at both ends are summed; a change is flagged above.
-    cpu = sum(after.cpu[k] - before.cpu[k] for k in after.cpu if k in before.cpu)
+    cpu = after.total - before.total
     lg_cpu = (lg_after.ru_utime - lg_before.ru_utime) + (lg_after.ru_stime - lg_before.ru_stime)
     server.remember_tree()
     return Run(server.kind, rnd, test, result, cpu, by_process, wall, lg_cpu, changed)
@@ -359,7 +376,8 @@ def warm_up(server: Server, args: argparse.Namespace) -> dict[str, int]:
     """A short unmeasured echo load so that both servers start the window warm."""
     if args.warmup <= 0:
         return {}
-    result = run_loadgen(loadgen_cmd("echo", server.port, args.warmup, args), args.warmup + 60)
+    cmd = loadgen_cmd("echo", server.port, args.warmup, args)
+    result = run_loadgen(cmd, args.warmup + 60, args.loadgen_cpu)
     return {k: int(v) for k, v in result["errors"].items() if v}
 
 
@@ -422,6 +440,13 @@ def summarize(runs: list[Run], kinds: list[str], args: argparse.Namespace) -> No
                 f"{median([r.per_cpu for r in sel]):>12.0f}"
                 f"{errs:>8}"
             )
+    busy = [r for r in runs if r.server_cpu < 0.8 * r.wall]
+    if busy:
+        print(
+            f"note: in {len(busy)} of {len(runs)} windows the server got less than 80 % of a core "
+            f"(load average now {os.getloadavg()[0]:.2f}): the machine was busy, so raw rates "
+            "are unreliable; the per-CPU-second figures hold up better"
+        )
     if "mpnet" not in kinds:
         return
     print()
@@ -497,6 +522,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="event loop of the baseline server; 'asyncio' or 'both' add the stdlib loop "
         "for reference (default uvloop)",
     )
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="pin loadgen to the first CPU and the server's process tree to the last one",
+    )
     p.add_argument("--no-mpnet", action="store_true", help="measure the baseline(s) only")
     p.add_argument(
         "--mpnet-cmd",
@@ -514,6 +544,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--rounds, --seconds, --connections and --size must be positive")
     if not args.loadgen.exists():
         p.error(f"{args.loadgen} not found: run bench/build.sh first")
+    args.server_cpu = args.loadgen_cpu = None
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            p.error("--pin needs at least two CPUs")
+        args.loadgen_cpu, args.server_cpu = cpus[0], cpus[-1]
     if args.mpnet_cmd:
         args.mpnet_cmd = args.mpnet_cmd.split()
     else:
@@ -535,6 +571,11 @@ def main(argv: list[str] | None = None) -> int:
         f"bench_echo: kinds {kinds}, {args.rounds} round(s), {args.seconds} s windows, "
         f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}, "
         f"{os.cpu_count()} CPUs"
+        + (
+            f", loadgen on CPU {args.loadgen_cpu}, servers on CPU {args.server_cpu}"
+            if args.pin
+            else ""
+        )
     )
     if "mpnet" in kinds:
         print(f"mpnet command: {' '.join(args.mpnet_cmd)}")

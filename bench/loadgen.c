@@ -504,8 +504,12 @@ static void on_event(struct worker *w, struct conn *c, uint32_t events, uint64_t
     /* Read first: EPOLLHUP/EPOLLERR are reported through recv's result. */
     if ((events & (EPOLLIN | EPOLLHUP | EPOLLERR)) && !on_readable(w, c, now))
         return;
-    if ((events & EPOLLOUT) && c->state == ST_EXCHANGE && c->sent < cfg.size)
+    if ((events & EPOLLOUT) && c->state == ST_EXCHANGE && c->sent < cfg.size) {
         pump_send(w, c);
+        /* Only a server that answers bytes it has not yet received gets here. */
+        if (c->state == ST_EXCHANGE && c->sent == cfg.size && c->got == reply_len())
+            complete(w, c, now);
+    }
 }
 
 /* Timeouts and reconnects, checked every few milliseconds. */
