@@ -26,9 +26,11 @@ def _load(args: argparse.Namespace) -> Config:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .master import Master
+    from .worker import raise_fd_limit
 
     config = _load(args)
     mpnet_log.setup(args.log_level or config["log_level"], config["log_file"], role="master")
+    raise_fd_limit()  # inherited by the workers
     master = Master(config, reload_config=lambda: _load(args))
     _attach_systemd(master)
     return master.run()
@@ -43,7 +45,10 @@ def _attach_systemd(master: Any) -> None:
     notifier = systemd.Notifier.from_environ()
     if notifier.enabled:
         master.notifier = notifier
-    master.ledger.adoptable = list(systemd.listen_fds())
+    try:
+        master.ledger.adoptable = list(systemd.listen_fds())
+    except ValueError as exc:
+        raise ConfigError(f"socket activation (LISTEN_FDS): {exc}") from None
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -95,6 +95,7 @@ class Service:
         self.served = 0
         self.refused = 0
         self._refused_logged = 0
+        self._refusal_reason = ""
         self._next_limit_log = 0.0
         self.worker_label = worker_label
         self.connection_class: type[Connection] = (
@@ -122,6 +123,9 @@ class Service:
         counters = self.counters
         if counters.max_connections is not None and counters.open >= counters.max_connections:
             return f"max_connections ({counters.max_connections}) reached in this worker"
+        limit = self.settings.max_connections  # <service>_max_connections, if set
+        if limit is not None and len(self.connections) >= limit:
+            return f"{self.name}_max_connections ({limit}) reached in this worker"
         limit = self.settings.max_connections_per_ip
         if limit is not None and self.per_ip.get(conn.ip(), 0) >= limit:
             return f"max_connections_per_ip ({limit}) reached for {conn.ip()}"
@@ -129,6 +133,7 @@ class Service:
 
     def refuse(self, conn: Connection, transport: asyncio.BaseTransport, why: str) -> None:
         self.refused += 1
+        self._refusal_reason = why
         message = self.settings.limit_message
         if message:
             transport.write(message)  # type: ignore[attr-defined]
@@ -137,14 +142,19 @@ class Service:
             transport.abort()  # type: ignore[attr-defined]
         now = time.monotonic()
         if now >= self._next_limit_log:
-            self.logger.warning(
-                "service %s refused %d connection(s) since the last report: %s",
-                self.name,
-                self.refused - self._refused_logged,
-                why,
-            )
-            self._refused_logged = self.refused
-            self._next_limit_log = now + LIMIT_LOG_EVERY
+            self._report_refusals(now)
+
+    def _report_refusals(self, now: float) -> None:
+        """One log line for the refusals since the last one (at most one per LIMIT_LOG_EVERY;
+        :meth:`sweep` reports those left over when no new refusal comes to do it)."""
+        self.logger.warning(
+            "service %s refused %d connection(s) since the last report: %s",
+            self.name,
+            self.refused - self._refused_logged,
+            self._refusal_reason,
+        )
+        self._refused_logged = self.refused
+        self._next_limit_log = now + LIMIT_LOG_EVERY
 
     def opened(self, conn: Connection) -> None:
         self.connections.add(conn)
@@ -187,10 +197,12 @@ class Service:
                 if size != conn._send_size:
                     conn._send_size, conn._send_since = size, now
                 elif size and now - conn._send_since >= send_timeout:
-                    conn.abort("send timeout")
+                    conn._drop("send timeout", f"{size} bytes unsent for {send_timeout:g}s")
         for conn in list(self.waiting):
             if now - conn._accepted_at >= header_timeout:
                 conn._proxy_failed("no PROXY header in time")
+        if self.refused != self._refused_logged and now >= self._next_limit_log:
+            self._report_refusals(now)
 
 
 class Connection(asyncio.Protocol):
@@ -387,7 +399,11 @@ class Connection(asyncio.Protocol):
             transport.get_write_buffer_size()  # type: ignore[union-attr]
             > self._service.settings.max_send_buffer_size
         ):
-            self.abort("no space left in buffer")
+            self._drop(
+                "no space left in buffer",
+                f"more than max_send_buffer_size ({self._service.settings.max_send_buffer_size})"
+                " bytes queued",
+            )
             return False
         return True
 
@@ -405,7 +421,24 @@ class Connection(asyncio.Protocol):
             return
         if self._close_reason is None:
             self._close_reason = reason
+        # Closed from now on (write() answers False, buffered() 0), not when the loop gets
+        # round to connection_lost; connection_lost still runs ondisconnect, once.
+        self._closed = True
         self._transport.abort()
+
+    def _drop(self, reason: str, detail: str) -> None:
+        """Abort a connection whose peer broke a limit: one log line, then ``ondisconnect``
+        with *reason*."""
+        service = self._service
+        service.logger.info(
+            "service %s: closing connection %s from %s: %s (%s)",
+            service.name,
+            self.id,
+            self.describe_peer(),
+            reason,
+            detail,
+        )
+        self.abort(reason)
 
     def pause(self) -> None:
         """Stop reading from this connection until :meth:`resume`."""
@@ -450,13 +483,23 @@ class Connection(asyncio.Protocol):
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
             log.debug("starttls handshake failed for %s: %s", self.describe_peer(), exc)
             self.abort(f"TLS handshake failed: {exc}")
+            # When the peer resets during the handshake, the TLS layer never passes
+            # connection_lost on: end the connection here (a later call is ignored), or it
+            # stays counted and ondisconnect never runs.
+            self.connection_lost(None)
             return
+        # The TLS transport has its own write-buffer limits (uvloop: 128 KiB low, 512 KiB
+        # high): apply mpnet's, so backpressure and ondrain ("queue empty") work as before.
+        transport.set_write_buffer_limits(WRITE_BUFFER_HIGH, 0)
         self._transport = transport  # type: ignore[assignment]
         callback = self._service.onstarttls
         if callback is not None:
-            result = callback(self)
-            if asyncio.iscoroutine(result):
-                await result
+            try:  # reported as the module's onstarttls failing, not as a failed handshake
+                result = callback(self)
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception as exc:
+                self._service.callback_failed("onstarttls", self, exc)
 
     def _peername(self) -> tuple[Any, ...]:
         if self._peer is None:
@@ -613,20 +656,37 @@ class OutgoingConnection(Connection):
         for chunk in early:
             Connection.write(self, chunk)
 
+    def buffered(self) -> int:
+        if self.connecting:
+            return sum(map(len, self._early))  # queued until the connection is up
+        return Connection.buffered(self)
+
     def close(self, reason: str | None = None) -> None:
         if self.connecting:
-            self._close_reason = self._close_reason or reason
-            self._closed = True
+            # Tell the module now: a connect task cancelled before its first step never runs
+            # its except clause, so waiting for it would lose this ondisconnect.
             task = self.__dict__.get("_connect_task")
             if task is not None:
                 task.cancel()
+            self.failed(reason or "closed before connecting")
             return
         Connection.close(self, reason)
 
+    def abort(self, reason: str | None = None) -> None:
+        if self.connecting:
+            self.close(reason)  # nothing was sent yet: the same as close()
+            return
+        Connection.abort(self, reason)
+
     def failed(self, reason: str) -> None:
-        """Connecting did not work: tell the module through ``ondisconnect``."""
+        """Connecting did not work (or was given up): tell the module through
+        ``ondisconnect``, once."""
+        if not self.connecting:
+            return
         self.connecting = False
         self._closed = True
+        self._close_reason = reason
+        self._early = []
         ondisconnect = self._service.ondisconnect
         if ondisconnect is not None:
             self._event("ondisconnect", ondisconnect, (reason,))
@@ -657,7 +717,7 @@ def open_connection(
                 timeout,
             )
         except asyncio.CancelledError:
-            conn.failed(conn._close_reason or "closed before connecting")
+            conn.failed("closed before connecting")  # a no-op when close() said so already
         except TimeoutError:
             conn.failed(f"connect to {host}:{port} timed out after {timeout:g}s")
         except (OSError, ssl.SSLError) as exc:

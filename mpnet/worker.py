@@ -16,6 +16,7 @@ import asyncio
 import faulthandler
 import logging
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -159,7 +160,7 @@ class Worker:
             self.config, self.shared, before_run=lambda: drop_privileges(self.config)
         )
         loop = asyncio.get_running_loop()
-        self.counters = WorkerCounters(self.config["max_connections"])
+        self.counters = WorkerCounters(self.config["max_connections"] or default_max_connections())
         contexts = tls_contexts(self.config, self.modules)
         services: dict[str, Any] = {}
         for provider in self.modules.providers:
@@ -271,6 +272,7 @@ class Worker:
     async def _shutdown(self, mode: str) -> None:
         for server in self.servers:
             server.close()
+        self.send(["not_accepting"])  # a reload is complete only once old workers stop accepting
         if mode == "graceful" and self.open_connections():
             log.info(
                 "stopping: waiting up to %gs for %d connection(s)",
@@ -290,6 +292,33 @@ class Worker:
             for conn in list(service.connections):
                 conn.abort(SHUTDOWN_REASON)
         await asyncio.sleep(0)
+
+
+FD_RESERVE = 64  # descriptors kept for modules, outgoing connections and the framework
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one (called in the master, so workers inherit
+    it); return the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def default_max_connections() -> int:
+    """Without ``max_connections``: the descriptor limit less a reserve, so that a flood meets
+    mpnet's own counted and logged limit before the kernel's EMFILE (which libuv survives by
+    closing the excess connections, but silently)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    return max(16, soft - FD_RESERVE)
 
 
 def tls_contexts(config: Config, loaded: LoadedModules) -> dict[str, ssl.SSLContext]:
@@ -331,6 +360,11 @@ def service_settings(
         send_timeout=float(option("send_timeout") or 0),
         ssl_handshake_timeout=float(option("ssl_handshake_timeout")),
         max_send_buffer_size=int(option("max_send_buffer_size")),
+        max_connections=(
+            option("max_connections")
+            if config.service_key_is_set(name, "max_connections")
+            else None
+        ),
         max_connections_per_ip=option("max_connections_per_ip"),
         limit_message=message.encode() if message else None,
         proxy_protocol=bool(option("proxy_protocol")),
