@@ -187,14 +187,14 @@ class Service:
         for conn in list(self.connections):
             if conn._closed:
                 continue
-            if conn._activity != conn._seen_activity:
-                conn._seen_activity = conn._activity
+            if conn._activity != conn._seen_activity or not conn._idle_since:
+                conn._seen_activity = conn._activity  # first sight or new data: idle from now
                 conn._idle_since = now
             elif read_timeout and now - conn._idle_since >= read_timeout and not conn._pending:
                 conn._read_timed_out()
             if send_timeout and conn._transport is not None:
                 size = conn._transport.get_write_buffer_size()
-                if size != conn._send_size:
+                if size != conn._send_size or not conn._send_since:
                     conn._send_size, conn._send_since = size, now
                 elif size and now - conn._send_since >= send_timeout:
                     conn._drop("send timeout", f"{size} bytes unsent for {send_timeout:g}s")
@@ -240,7 +240,7 @@ class Connection(asyncio.Protocol):
         self._peer: tuple[Any, ...] | None = None
         self._number = next(_ids)
         self._activity = self._seen_activity = 0
-        self._idle_since = self._send_since = time.monotonic()
+        self._idle_since = self._send_since = 0.0  # set by the first sweep: no clock per accept
         self._send_size = 0
 
     # -- asyncio protocol ---------------------------------------------------------------------
@@ -257,7 +257,8 @@ class Connection(asyncio.Protocol):
 
     def _start(self, service: Service) -> None:
         service.opened(self)
-        self._transport.set_write_buffer_limits(WRITE_BUFFER_HIGH, 0)  # type: ignore[union-attr]
+        if service.ondrain is not None:  # so that ondrain means "queue empty", as documented
+            self._transport.set_write_buffer_limits(WRITE_BUFFER_HIGH, 0)  # type: ignore[union-attr]
         if service.onconnect is not None:
             self._event("onconnect", service.onconnect, ())
 
