@@ -217,10 +217,17 @@ def request(path: Path, payload: dict[str, Any], timeout: float = 30.0) -> dict[
             raise ControlError(f"nothing listens on {path}: is mpnet running?") from None
         except PermissionError:
             raise ControlError(f"permission denied on {path}") from None
-        sock.sendall(json.dumps(payload).encode() + b"\n")
+        # A refused peer is answered and closed at once, maybe before its request is even
+        # sent (EPIPE) and with the request unread (the answer, then ECONNRESET): read the
+        # answer whatever happens to the request.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(json.dumps(payload).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
             if not chunk:
                 break
             data += chunk

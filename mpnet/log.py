@@ -87,8 +87,13 @@ def reopen() -> None:
     if isinstance(_handler, logging.FileHandler):
         _handler.acquire()
         try:
-            _handler.close()
-            _handler.stream = _handler._open()
+            try:
+                new = _handler._open()
+            except OSError as exc:  # e.g. a worker running as another user: keep the old file
+                _handler.stream.write(f"cannot reopen log file {_log_file}: {exc}\n")
+                return
+            old, _handler.stream = _handler.stream, new
+            old.close()
         finally:
             _handler.release()
 

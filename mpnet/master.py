@@ -79,6 +79,7 @@ class WorkerHandle:
     served: int = 0
     boot_error: str | None = None
     recycle: bool = False  # to be replaced by a fresh worker (memory limit)
+    accepting: bool = True  # False once it closed its listening sockets (when stopping)
     kill_at: float | None = None  # SIGKILL after this time (drain deadline, traceback grace)
 
     @property
@@ -263,7 +264,7 @@ class Master:
             elif data == "control":
                 assert self.control is not None
                 for client in self.control.accept():
-                    self.selector.register(client, selectors.EVENT_READ, client)
+                    self._register(client, selectors.EVENT_READ, client)
             elif isinstance(data, WorkerHandle):
                 if mask & selectors.EVENT_WRITE:
                     data.channel.flush()
@@ -285,11 +286,26 @@ class Master:
             events = selectors.EVENT_WRITE if client.outbox else selectors.EVENT_READ
             self.selector.register(client, events, client)
 
+    def _register(self, fileobj: Any, events: int, data: Any) -> None:
+        """Register a new socket. A channel closed by a failed write is still keyed by its old
+        fd number until the master forgets it; a new socket may have that number by now."""
+        stale = self.selector.get_map().get(fileobj.fileno())
+        if stale is not None and isinstance(stale.data, WorkerHandle) and stale.data.channel.closed:
+            self.selector.unregister(stale.fileobj)
+        self.selector.register(fileobj, events, data)
+
+    def _unregister_channel(self, handle: WorkerHandle) -> None:
+        """Forget a worker's channel in the selector, but only its own registration: a closed
+        channel's fileno() is its old fd number, which may belong to a new socket now (a control
+        client, another worker's channel) that must stay registered."""
+        with contextlib.suppress(KeyError, ValueError):
+            if self.selector.get_key(handle.channel).data is handle:
+                self.selector.unregister(handle.channel)
+
     def _update_interest(self, handle: WorkerHandle) -> None:
         channel = handle.channel
         if channel.closed:
-            with contextlib.suppress(KeyError, ValueError):
-                self.selector.unregister(channel)
+            self._unregister_channel(handle)
             return
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if channel.wants_write else 0)
         with contextlib.suppress(KeyError):
@@ -313,8 +329,7 @@ class Master:
                 return
 
     def _close_channel(self, handle: WorkerHandle) -> None:
-        with contextlib.suppress(KeyError, ValueError):
-            self.selector.unregister(handle.channel)
+        self._unregister_channel(handle)
         handle.channel.close()
 
     def _cut_off(self, handle: WorkerHandle, reason: str) -> None:
@@ -338,6 +353,8 @@ class Master:
                 handle.pid,
                 handle.generation,
             )
+        elif kind == "not_accepting":
+            handle.accepting = False
         elif kind == "boot_error":
             handle.boot_error = str(message[1])
         elif kind == "stopped":
@@ -406,7 +423,7 @@ class Master:
             started=time.monotonic(),
         )
         self.workers[pid] = handle
-        self.selector.register(handle.channel, selectors.EVENT_READ, handle)
+        self._register(handle.channel, selectors.EVENT_READ, handle)
         log.debug("worker %d started (pid %d, generation %d)", slot, pid, self.generation)
         return handle
 
@@ -479,6 +496,11 @@ class Master:
         if handle.ready_at is not None and now - handle.ready_at >= HEALTHY_AFTER:
             self._backoff.pop(handle.slot, None)
             return  # replaced at once by _reconcile
+        if handle.ready_at is not None and handle.slot not in self._backoff:
+            # A worker that was serving dies young: replace it at once, but arm the back-off
+            # so that a second quick failure in this slot waits.
+            self._backoff[handle.slot] = BACKOFF_START / 2
+            return
         delay = min(self._backoff.get(handle.slot, BACKOFF_START / 2) * 2, BACKOFF_MAX)
         self._backoff[handle.slot] = delay
         self._respawn_at[handle.slot] = now + delay
@@ -560,7 +582,10 @@ class Master:
                 )
         # Complete once the new generation serves every slot; old workers may still drain
         # their connections (up to graceful_timeout) without holding up the next reload.
-        if self.reloading and not old_active and self._all_ready():
+        old_accepting = any(
+            h.generation < self.generation and h.accepting for h in self.workers.values()
+        )
+        if self.reloading and not old_active and not old_accepting and self._all_ready():
             self.reloading = False
             log.info("reload complete: generation %d serves every slot", self.generation)
             if self.notifier is not None:

@@ -102,6 +102,10 @@ class Worker:
         self.shared = SharedState(self.send, shared_tables)
         self._stop: asyncio.Future[str] | None = None
         self._tasks: list[asyncio.Future[Any]] = []
+        # Several heartbeats per worker_timeout, so a healthy idle loop is never taken for stuck.
+        self._heartbeat_interval = min(
+            HEARTBEAT_INTERVAL, (float(config["worker_timeout"]) or HEARTBEAT_INTERVAL) / 4
+        )
         self.counters = WorkerCounters()
         self._graceful_timeout = float(config["graceful_timeout"])
         self._message_handlers: dict[str, Any] = {"stop": self._on_stop_message}
@@ -250,7 +254,7 @@ class Worker:
     async def _heartbeat(self) -> None:
         while True:
             self.send(["heartbeat", self.open_connections(), self.served()])
-            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            await asyncio.sleep(self._heartbeat_interval)
 
     # -- stopping -----------------------------------------------------------------------------
 

@@ -204,7 +204,12 @@ class Server:
         except psutil.NoSuchProcess:
             return []
         self.known_pids.update(child.pid for child in children)
-        return [c for c in children if c.status() != psutil.STATUS_ZOMBIE]
+        alive = []
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if child.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(child)
+        return alive
 
     def worker_pids(self) -> set[int]:
         return {p.pid for p in self.workers()}

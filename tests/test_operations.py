@@ -1,0 +1,871 @@
+"""Operations: reload, worker count, log reopening, worker health and the control socket.
+
+Real ``mpnet serve`` processes, real signals and sockets on 127.0.0.1. Timeouts are small
+(``worker_timeout = 2``: workers send a heartbeat every second, so 1 s would flag healthy
+workers now and then, see the note in test_blocked_loop_is_killed_with_its_traceback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import pwd
+import re
+import select
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+import psutil
+import pytest
+from harness import Client, Server, config, run_mpnet, wait_for
+
+from mpnet.control import ControlError
+from mpnet.control import request as control_request
+from mpnet.master import BACKOFF_MAX, Master
+
+VERSION_MODULE = """\
+import os
+VERSION = {version}
+class listener:
+    def onconnect(conn):
+        conn.write(f"v{{VERSION}} {{os.getpid()}}\\n")
+    def onincoming(conn, data):
+        conn.write(data)
+module.provides("net", listener=listener, default_port=0)
+"""
+
+
+def write_version(path: Path, version: int) -> None:
+    """Replace the module file in one step (a reload must never read half a file)."""
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(VERSION_MODULE.format(version=version))
+    os.replace(temporary, path)
+
+
+def greeting(port: int) -> tuple[int, int]:
+    """(version, pid) from a fresh connection's greeting."""
+    with Client(port) as client:
+        version, pid = client.read_until(b"\n").split()
+    return int(version[1:]), int(pid)
+
+
+def status(server: Server) -> dict:
+    configured = tomllib.loads(server.config_path.read_text())["control_socket"]
+    path = server.directory / configured  # an absolute path stays as it is
+    return control_request(path, {"command": "status"}, timeout=10)["status"]
+
+
+def ready_workers(server: Server) -> list[dict]:
+    current = status(server)
+    return [
+        w
+        for w in current["workers"]
+        if w["state"] == "ready" and w["generation"] == current["generation"]
+    ]
+
+
+def worker_pids(server: Server) -> set[int]:
+    """The live workers' pids. (The harness's Server.worker_pids() raises if a worker exits
+    between psutil's children() and status(), which happens during reloads.)"""
+    try:
+        children = psutil.Process(server.pid).children()
+    except psutil.NoSuchProcess:
+        return set()
+    pids = set()
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if child.status() != psutil.STATUS_ZOMBIE:
+                pids.add(child.pid)
+    server.known_pids.update(pids)
+    return pids
+
+
+def settled(server: Server, count: int) -> set[int]:
+    """Wait until exactly *count* workers run, all ready and of the current generation (none
+    draining or exiting); return their pids."""
+
+    def check() -> set[int] | None:
+        current = status(server)
+        workers = current["workers"]
+        pids = {w["pid"] for w in workers}
+        if len(workers) == count and all(
+            w["state"] == "ready" and w["generation"] == current["generation"] for w in workers
+        ):
+            return pids if worker_pids(server) == pids else None
+        return None
+
+    return wait_for(check, what=f"{count} settled workers")
+
+
+def mpnet_cli(server: Server, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_mpnet(server.directory, *args, "-c", str(server.config_path), timeout=30)
+
+
+# -- reload -------------------------------------------------------------------------------------
+
+
+class Load:
+    """Connect loops (greeting + one echo) and long-lived echo connections, in threads."""
+
+    def __init__(self, port: int, connectors: int = 3, echoers: int = 4) -> None:
+        self.port = port
+        self.stop = threading.Event()
+        self.greetings: list[tuple[float, int]] = []  # (connection began, version)
+        self.errors: list[str] = []
+        self.echoed = [0] * echoers
+        self.threads = [threading.Thread(target=self._connect_loop) for _ in range(connectors)]
+        self.threads += [
+            threading.Thread(target=self._echo_loop, args=(i,)) for i in range(echoers)
+        ]
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(20)
+
+    def _connect_loop(self) -> None:
+        while not self.stop.is_set():
+            began = time.monotonic()
+            try:
+                with Client(self.port) as client:
+                    version = int(client.read_until(b"\n").split()[0][1:])
+                    client.send(b"ping\n")
+                    if client.read_until(b"\n") != b"ping\n":
+                        raise AssertionError("echo mismatch")
+                self.greetings.append((began, version))
+            except (OSError, AssertionError, ValueError) as exc:
+                self.errors.append(f"connect loop: {exc!r}")
+
+    def _echo_loop(self, index: int) -> None:
+        try:
+            with Client(self.port) as client:
+                client.read_until(b"\n")
+                count = 0
+                while not self.stop.is_set():
+                    message = f"{index}:{count}:{'x' * 40}\n".encode()
+                    client.send(message)
+                    reply = client.read_until(b"\n")
+                    if reply != message:
+                        raise AssertionError(f"echo mismatch {reply!r} != {message!r}")
+                    count += 1
+                    self.echoed[index] = count
+        except (OSError, AssertionError) as exc:
+            self.errors.append(f"echo connection {index}: {exc!r}")
+
+
+def test_reload_under_load_zero_errors(mpnet, write_module):
+    path = write_module("versioned", VERSION_MODULE.format(version=1))
+    server = mpnet(config([str(path)], workers=2, graceful_timeout=30))
+    port = server.port("versioned")
+    completed: list[tuple[float, int]] = []
+    with Load(port) as load:
+        wait_for(lambda: len(load.greetings) > 30 and min(load.echoed) > 30, what="load")
+        for version in range(2, 7):
+            write_version(path, version)
+            if version == 6:  # the CLI's way, once; SIGHUP otherwise
+                result = mpnet_cli(server, "reload", "--wait")
+                assert result.returncode == 0, result.stderr
+                assert "reload complete: generation 6" in result.stdout
+            else:
+                server.signal(signal.SIGHUP)
+                server.wait_log(rf"reload complete: generation {version} serves every slot")
+            completed.append((time.monotonic(), version))
+        done = time.monotonic()
+        echoed = list(load.echoed)
+        wait_for(
+            lambda: (
+                min(n - before for n, before in zip(load.echoed, echoed, strict=True)) > 20
+                and sum(1 for began, _ in load.greetings[:] if began > done) > 30
+            ),
+            what="load carrying on after the last reload",
+        )
+        # The long-lived connections keep their generation-1 workers draining; that did not
+        # hold up the five reloads.
+        snapshot = status(server)
+    assert load.errors == []
+    assert not snapshot["reloading"] and snapshot["generation"] == 6
+    states = {(w["generation"], w["state"]) for w in snapshot["workers"]}
+    assert (1, "draining") in states and (6, "ready") in states
+    # A reload is complete once every old worker reported that it stopped accepting: any
+    # connection begun after that sees the new code.
+    stale = [
+        (began, seen)
+        for began, seen in load.greetings
+        for finished, version in completed
+        if began > finished and seen < version
+    ]
+    assert stale == []
+    assert {greeting(port)[0] for _ in range(10)} == {6}
+    # The echo connections are closed: the generation-1 workers finish draining and exit.
+    wait_for(lambda: {w["generation"] for w in status(server)["workers"]} == {6}, what="drained")
+
+
+def test_invalid_reload_keeps_serving(mpnet, write_module):
+    path = write_module("versioned", VERSION_MODULE.format(version=1))
+    server = mpnet(config([str(path)], workers=2))
+    port = server.port("versioned")
+    pids = settled(server, 2)
+
+    path.write_text("class listener:\n    def onconnect(conn)\n        pass\n")  # SyntaxError
+    server.signal(signal.SIGHUP)
+    line = server.wait_log(r"reload failed, still serving the previous configuration: [^\n]*")
+    assert "SyntaxError" in line.group(0) and "versioned" in line.group(0)
+
+    path.write_text("raise RuntimeError('no such luck')\n")
+    result = mpnet_cli(server, "reload", "--wait")
+    assert result.returncode == 1
+    assert "reload failed" in result.stderr and "RuntimeError: no such luck" in result.stderr
+
+    good_config = server.config_path.read_text()
+    server.config_path.write_text(good_config + "graceful_timeout = 'soon'\n")
+    server.signal(signal.SIGHUP)
+    server.wait_log(r"reload failed, [^\n]*key 'graceful_timeout'")
+
+    # Still the first generation, same workers, old code.
+    assert status(server)["generation"] == 1
+    assert worker_pids(server) == pids
+    assert {greeting(port)[0] for _ in range(5)} == {1}
+
+    server.config_path.write_text(good_config)
+    write_version(path, 2)
+    result = mpnet_cli(server, "reload", "--wait")
+    assert result.returncode == 0, result.stderr
+    assert not pids & settled(server, 2)
+    assert {greeting(port)[0] for _ in range(5)} == {2}
+
+
+def test_control_socket_keeps_answering_while_workers_come_and_go(mpnet):
+    """Regression: a worker's channel, closed at its EOF, was forgotten in the selector a
+    second time when the worker was reaped, by its old fd number, which by then could belong
+    to a control client (never answered: `mpnet reload --wait` failed) or to a new worker's
+    channel (never heard from)."""
+    server = mpnet(config(["echo"], workers=2, echo_ports=[0]))
+    path = server.directory / "control.sock"
+    failures: list[str] = []
+    answered = [0]
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            try:
+                control_request(path, {"command": "status"}, timeout=3)
+                answered[0] += 1
+            except (ControlError, OSError) as exc:
+                failures.append(repr(exc))
+
+    pollers = [threading.Thread(target=poll) for _ in range(3)]
+    for thread in pollers:
+        thread.start()
+    try:
+        for generation in range(2, 22):
+            server.signal(signal.SIGHUP)
+            server.wait_log(rf"reload complete: generation {generation} serves every slot")
+    finally:
+        stop.set()
+        for thread in pollers:
+            thread.join(10)
+    assert failures == []
+    assert answered[0] > 20
+    settled(server, 2)
+
+
+SLOW_CHECK_MODULE = """\
+import os, time
+if __import__("mpnet.log").log._role == "checker" and os.path.exists({flag!r}):
+    time.sleep(3)  # a slow import, in the reload's throwaway checker only
+class listener:
+    def onconnect(conn):
+        conn.write("hi\\n")
+module.provides("net", listener=listener, default_port=0)
+"""
+
+
+def test_slow_reload_check_does_not_kill_healthy_workers(mpnet, write_module, tmp_path):
+    """Regression: the master waits for the checker; heartbeats that arrived meanwhile were
+    still unread when it judged the workers, which then all looked blocked and were killed."""
+    flag = tmp_path / "slow"
+    path = write_module("slow", SLOW_CHECK_MODULE.format(flag=str(flag)))
+    server = mpnet(config([str(path)], workers=2, worker_timeout=2))
+    pids = settled(server, 2)
+    flag.touch()
+    server.signal(signal.SIGHUP)
+    server.wait_log("reload complete: generation 2")
+    settled(server, 2)
+    for pid in pids:
+        assert f"(pid {pid}) stopped (exited with code 0)" in server.log
+    assert "blocked" not in server.log and "killed" not in server.log
+
+
+def test_reload_adds_and_removes_ports(mpnet, write_module):
+    alpha = write_module("alpha", VERSION_MODULE.format(version=1))
+    beta = write_module("beta", VERSION_MODULE.format(version=2))
+    server = mpnet(config([str(alpha)], workers=1, graceful_timeout=30))
+    alpha_port = server.port("alpha")
+    held = Client(alpha_port)
+    try:
+        held.read_until(b"\n")
+        server.config_path.write_text(config([str(beta)], workers=1, graceful_timeout=30))
+        server.signal(signal.SIGHUP)
+        server.wait_log("reload complete: generation 2")
+        beta_port = server.port("beta")
+        assert greeting(beta_port)[0] == 2
+        # The old worker drains its connection to alpha; alpha's listening sockets are
+        # closed, since nobody will accept on them again: new clients are refused at once
+        # rather than queued until the drain ends and then reset.
+        server.wait_log(rf"closed 127\.0\.0\.1:{alpha_port} \(service alpha no longer listens")
+        wait_for(lambda: refused(alpha_port), timeout=5, what="alpha's port to refuse")
+        held.send(b"still there\n")
+        assert held.read_until(b"\n") == b"still there\n"
+        assert any(
+            w["generation"] == 1 and w["state"] == "draining" for w in status(server)["workers"]
+        )
+    finally:
+        held.close()
+    wait_for(lambda: len(status(server)["workers"]) == 1, what="the old worker to finish")
+    assert [s["name"] for s in status(server)["services"]] == ["beta"]
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False  # the old worker had not yet acted on its SIGTERM: it accepted this one
+
+
+# -- worker count -------------------------------------------------------------------------------
+
+
+def test_ttin_ttou_and_workers_command(mpnet):
+    server = mpnet(config(["echo"], workers=1, echo_ports=[0]))
+
+    def count_is(n: int) -> bool:
+        current = status(server)
+        return current["slots"] == n and len(ready_workers(server)) == n == len(current["workers"])
+
+    server.signal(signal.SIGTTIN)
+    wait_for(lambda: count_is(2), what="2 workers")
+    server.signal(signal.SIGTTIN)
+    wait_for(lambda: count_is(3), what="3 workers")
+    server.signal(signal.SIGTTOU)
+    wait_for(lambda: count_is(2), what="2 workers")
+    if Path("/proc/sys/net/ipv4/tcp_migrate_req").read_text().strip() == "0":
+        server.wait_log(r"removing slots: .*set net\.ipv4\.tcp_migrate_req = 1")
+
+    result = mpnet_cli(server, "workers", "4")
+    assert result.returncode == 0, result.stderr
+    assert "worker count 2 -> 4" in result.stdout
+    wait_for(lambda: count_is(4), what="4 workers")
+
+    # The count set at run time survives a reload (the config still says 1).
+    server.signal(signal.SIGHUP)
+    server.wait_log("reload complete: generation 2")
+    wait_for(lambda: count_is(4), what="4 workers after the reload")
+    assert {w["slot"] for w in status(server)["workers"]} == {0, 1, 2, 3}
+
+    result = mpnet_cli(server, "workers", "0")
+    assert result.returncode == 1 and "count from 1 to 1024" in result.stderr
+    assert mpnet_cli(server, "workers", "1").returncode == 0
+    wait_for(lambda: count_is(1), what="1 worker")
+    server.signal(signal.SIGTTOU)
+    server.wait_log("SIGTTOU: keeping the last worker")
+    assert count_is(1)
+    with Client(server.port("echo")) as client:
+        assert client.read_until(b"\n") == b"Hello!\n"
+
+
+NETNS_SCRIPT = """\
+import json, os, signal, socket, subprocess, sys, threading, time
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from harness import Server, config, wait_for
+from mpnet.control import request
+
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+Path("/proc/sys/net/ipv4/tcp_migrate_req").write_text("1")
+directory = Path({directory!r})
+server = Server(directory, config(["echo"], workers=3, echo_ports=[0], graceful_timeout=6))
+results = {{"errors": [], "slowest": 0.0, "served": 0}}
+try:
+    server.start()
+    Path({pidfile!r}).write_text(str(server.pid))
+    port = server.port("echo")
+    # Idle connections: every worker almost surely holds one, so a removed worker drains for
+    # graceful_timeout while its slot's socket is still hashed new connections.
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(12)]
+    stop = threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            began = time.monotonic()
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                    data = b""
+                    while not data.endswith(b"\\n"):
+                        chunk = sock.recv(100)
+                        if not chunk:
+                            raise ConnectionError(f"closed after {{data!r}}")
+                        data += chunk
+                results["served"] += 1
+            except OSError as exc:
+                results["errors"].append(repr(exc))
+            results["slowest"] = max(results["slowest"], time.monotonic() - began)
+
+    threads = [threading.Thread(target=loop) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: results["served"] > 200, what="load")
+        for expected in (2, 1):
+            os.kill(server.pid, signal.SIGTTOU)
+            server.wait_log(f"worker count {{expected + 1}} -> {{expected}}")
+            served = results["served"]
+            wait_for(lambda: results["served"] > served + 300, what="load after TTOU")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(20)
+    results["draining"] = sum(
+        1 for w in request(directory / "control.sock", {{"command": "status"}})["status"]["workers"]
+        if w["state"] == "draining"
+    )
+    results["warned"] = "removing slots: connections still queued" in server.log
+    for sock in idle:
+        sock.close()
+finally:
+    server.stop()
+print(json.dumps(results))
+"""
+
+
+def test_ttou_under_load_migrates_queued_connections(tmp_path):
+    """In a network namespace of our own with net.ipv4.tcp_migrate_req = 1 (never the host's):
+    removing slots while connections pour in resets none and keeps none waiting."""
+    if shutil.which("unshare") is None or shutil.which("ip") is None or os.geteuid() != 0:
+        pytest.skip("needs root, unshare(1) and ip(8) for a private network namespace")
+    directory = tmp_path / "netns"
+    directory.mkdir()
+    pidfile = tmp_path / "mpnet.pid"
+    script = tmp_path / "ttou.py"
+    script.write_text(
+        NETNS_SCRIPT.format(
+            tests=str(Path(__file__).parent), directory=str(directory), pidfile=str(pidfile)
+        )
+    )
+    proc = subprocess.Popen(
+        ["unshare", "-n", sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        if pidfile.exists():  # mpnet runs in a session of its own: end it whatever happened
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(int(pidfile.read_text()), signal.SIGKILL)
+    assert proc.returncode == 0, err
+    results = json.loads(out.splitlines()[-1])
+    assert results["errors"] == []
+    # Nobody waited behind a socket that no worker accepts on any more.
+    assert results["slowest"] < 1.5, results
+    assert results["draining"] >= 1  # the removed workers were still draining their idle clients
+    assert not results["warned"]  # the sysctl is set in this namespace
+
+
+# -- logs ---------------------------------------------------------------------------------------
+
+
+def wait_file(path: Path, pattern: str, timeout: float = 20.0) -> str:
+    regex = re.compile(pattern)
+
+    def found() -> str | None:
+        with contextlib.suppress(FileNotFoundError):
+            text = path.read_text()
+            if regex.search(text):
+                return text
+        return None
+
+    return wait_for(found, timeout, what=f"{pattern!r} in {path.name}")
+
+
+def test_sigusr1_reopens_the_log_file(mpnet, tmp_path):
+    log_path = tmp_path / "mpnet.log"
+    server = mpnet(config(["echo"], workers=2, echo_ports=[0], log_file=str(log_path)), start=False)
+    server.start(wait_ready=False)
+    text = wait_file(log_path, r"ready: 2 worker")
+    port = int(re.search(r"service echo \(module echo\) -> 127\.0\.0\.1:(\d+)", text).group(1))
+
+    rotated = log_path.rename(tmp_path / "mpnet.log.1")  # what logrotate does
+    server.signal(signal.SIGUSR1)
+    wait_file(log_path, r"master \[mpnet\] info: log file reopened")
+    # Every worker reopened too: their lines land in the new file.
+    for _ in range(10):
+        with Client(port) as client:
+            client.read_until(b"\n")
+    wait_file(log_path, r"worker 0 \[echo\] info: Connection closed")
+    wait_file(log_path, r"worker 1 \[echo\] info: Connection closed")
+    assert "Connection closed" not in rotated.read_text()
+    assert server.log == ""  # nothing on stderr either
+
+
+# -- worker health ------------------------------------------------------------------------------
+
+BLOCKER_MODULE = """\
+import os, time
+
+def block_the_loop():
+    time.sleep(60)
+
+class listener:
+    def onconnect(conn):
+        conn.write(f"{os.getpid()}\\n")
+    def onincoming(conn, data):
+        if data.startswith(b"block"):
+            block_the_loop()
+        conn.write(data)
+module.provides("net", listener=listener, default_port=0)
+"""
+
+
+def connect_to_each_worker(port: int, pids: set[int]) -> dict[int, Client]:
+    """One connection to every worker (SO_REUSEPORT picks the worker by hash: try until)."""
+    clients: dict[int, Client] = {}
+
+    def more() -> bool:
+        client = Client(port)
+        pid = int(client.read_until(b"\n"))
+        if pid in clients:
+            client.close()
+        else:
+            clients[pid] = client
+        return set(clients) >= pids
+
+    wait_for(more, what="a connection to every worker")
+    return clients
+
+
+def test_blocked_loop_is_killed_with_its_traceback(mpnet, write_module):
+    # worker_timeout = 2, not 1: a worker sends its heartbeat every 1.0 s whatever
+    # worker_timeout is (mpnet/worker.py HEARTBEAT_INTERVAL), so with 1 s a healthy idle worker
+    # is now and then found "blocked for 1.0s" and killed.
+    path = write_module("blocker", BLOCKER_MODULE)
+    server = mpnet(config([str(path)], workers=2, worker_timeout=2))
+    port = server.port("blocker")
+    pids = settled(server, 2)
+    clients = connect_to_each_worker(port, pids)
+    victim, bystander = sorted(clients)
+    try:
+        blocked_at = time.monotonic()
+        clients[victim].send(b"block\n")
+        line = server.wait_log(rf"worker \d \(pid {victim}\): event loop blocked for [\d.]+s")
+        assert time.monotonic() - blocked_at >= 1.0  # heartbeats are 1 s apart
+        # The other worker answers all along.
+        clients[bystander].send(b"hello\n")
+        assert clients[bystander].read_until(b"\n", timeout=1) == b"hello\n"
+        server.wait_log(rf"pid {victim}\) killed by signal SIGKILL; replacing it")
+        after = server.log[line.start() :]
+        assert "Current thread" in after or "Thread 0x" in after  # faulthandler's dump
+        assert re.search(r'File "[^"]*blocker\.py", line 4 in block_the_loop', after)
+        assert re.search(r'File "[^"]*blocker\.py", line \d+ in onincoming', after)
+        assert after.count("event loop blocked") == 1
+        wait_for(lambda: len(worker_pids(server)) == 2 and victim not in worker_pids(server))
+        assert bystander in worker_pids(server)
+        assert clients[victim].read_to_eof() == b""  # its connections died with it
+        clients[bystander].send(b"still\n")
+        assert clients[bystander].read_until(b"\n") == b"still\n"
+        replacement = (worker_pids(server) - pids).pop()
+        wait_for(lambda: greeting_pid(port) == replacement, what="the replacement to serve")
+    finally:
+        for client in clients.values():
+            client.close()
+
+
+def greeting_pid(port: int) -> int:
+    with Client(port) as client:
+        return int(client.read_until(b"\n"))
+
+
+CRASHER_MODULE = """\
+import asyncio, os
+FLAG = {flag!r}
+try:
+    loop = asyncio.get_running_loop()  # a worker (the checker has no running loop)
+except RuntimeError:
+    loop = None
+if loop is not None and os.path.exists(FLAG):
+    loop.call_later(0.1, os._exit, 7)
+class listener:
+    def onconnect(conn):
+        conn.write(f"{{os.getpid()}}\\n")
+module.provides("net", listener=listener, default_port=0)
+"""
+
+
+def test_crash_loop_backs_off_exponentially(mpnet, write_module, tmp_path):
+    flag = tmp_path / "crash"
+    path = write_module("crasher", CRASHER_MODULE.format(flag=str(flag)))
+    server = mpnet(config([str(path)], workers=2))
+    port = server.port("crasher")
+    pids = settled(server, 2)
+    victim, bystander = sorted(pids)
+    flag.touch()  # from now on, a new worker dies 0.1 s after it started serving
+    os.kill(victim, signal.SIGKILL)
+    server.wait_log(rf"pid {victim}\) killed by signal SIGKILL; replacing it")
+    backed_off = server.wait_log(
+        r"(\S+ \S+) master \[mpnet\] warn: worker \d failed soon after starting; "
+        r"next attempt in 2\.0s \(crash back-off\)"
+    )
+    delays = re.findall(r"failed soon after starting; next attempt in ([\d.]+)s", server.log)
+    assert delays[:3] == ["0.5", "1.0", "2.0"]
+    # The victim was serving: replaced at once; its successors' quick crashes back off.
+    assert len(re.findall(r"\(pid \d+\) exited with code 7; replacing it", server.log)) == 3
+    flag.unlink()
+    ready = server.wait_log(
+        r"(\S+ \S+) master \[mpnet\] info: worker \d \(pid \d+, generation 1\) ready", count=6
+    )
+    assert _log_time(ready.group(1)) - _log_time(backed_off.group(1)) >= 2.0
+    assert bystander in worker_pids(server)  # the other slot was left alone
+    with Client(port) as client:
+        assert int(client.read_until(b"\n")) in worker_pids(server)
+
+
+def _log_time(stamp: str) -> float:
+    return datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def test_backoff_doubles_up_to_the_cap_and_resets_after_a_healthy_run():
+    master = Master.__new__(Master)  # only the back-off bookkeeping is exercised
+    master._backoff, master._respawn_at = {}, {}
+    crashed = SimpleNamespace(slot=0, ready_at=None)
+    delays = []
+    for _ in range(9):
+        master._schedule_respawn(crashed)
+        delays.append(master._backoff[0])
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, BACKOFF_MAX, BACKOFF_MAX, BACKOFF_MAX]
+    assert BACKOFF_MAX == 30.0
+    healthy = SimpleNamespace(slot=0, ready_at=time.monotonic() - 60)
+    master._schedule_respawn(healthy)
+    assert 0 not in master._backoff
+
+
+HOG_MODULE = """\
+import os
+hog = []
+class listener:
+    def onconnect(conn):
+        conn.write(f"{os.getpid()}\\n")
+    def onincoming(conn, data):
+        if data.startswith(b"grow"):
+            hog.append(b"x" * (120 << 20))  # written, so resident
+        conn.write(data)
+module.provides("net", listener=listener, default_port=0)
+"""
+
+
+def test_worker_above_max_worker_memory_is_recycled_gracefully(mpnet, write_module):
+    path = write_module("hog", HOG_MODULE)
+    limit = 100 << 20
+    server = mpnet(config([str(path)], workers=1, max_worker_memory=limit, graceful_timeout=20))
+    port = server.port("hog")
+    (old,) = settled(server, 1)
+    with Client(port) as client:
+        assert int(client.read_until(b"\n")) == old
+        client.send(b"grow\n")
+        assert client.read_until(b"\n") == b"grow\n"
+        server.wait_log(rf"worker 0 \(pid {old}\) uses \d+ bytes \(max_worker_memory {limit}\)")
+        server.wait_log(rf"worker 0 \(pid {old}\) draining: recycled")
+        # Graceful: the connection it had is still served while it drains...
+        client.send(b"after\n")
+        assert client.read_until(b"\n") == b"after\n"
+        # ...and new ones go to its successor in the slot.
+        (new,) = {w["pid"] for w in ready_workers(server)}
+        assert new != old
+        wait_for(lambda: greeting_pid(port) == new, what="the successor to take over")
+    server.wait_log(rf"worker 0 \(pid {old}\) stopped \(exited with code 0\)")
+    assert "killed" not in server.log
+
+
+# -- control socket -----------------------------------------------------------------------------
+
+
+def as_nobody(action: Callable[[], str], timeout: float = 10.0) -> str:
+    """Run *action* in a forked child that became ``nobody``; return what it returned."""
+    nobody = pwd.getpwnam("nobody")
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only modules already imported, then _exit
+        try:
+            os.close(read_fd)
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            result = action()
+        except BaseException as exc:
+            result = f"child failed: {exc!r}"
+        os.write(write_fd, result.encode())
+        os._exit(0)
+    os.close(write_fd)
+    output = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"the child running as nobody did not finish: {output!r}")
+            ready, _, _ = select.select([read_fd], [], [], remaining)
+            if ready:
+                chunk = os.read(read_fd, 65536)
+                if not chunk:
+                    break
+                output += chunk
+    finally:
+        os.close(read_fd)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    return output.decode()
+
+
+def raw_request(path: Path) -> Callable[[], str]:
+    """Connect, ask for the status, return the answer line (or why there is none)."""
+
+    def action() -> str:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(5)
+        try:
+            sock.connect(str(path))
+        except PermissionError as exc:
+            return f"connect: errno {exc.errno}"
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(b'{"command": "status"}\n')  # may be too late: refused at once
+        data = b""
+        with contextlib.suppress(ConnectionResetError):  # after the answer: it was not read
+            while not data.endswith(b"\n") and (chunk := sock.recv(65536)):
+                data += chunk
+        sock.close()
+        return data.decode()
+
+    return action
+
+
+def client_request(path: Path) -> Callable[[], str]:
+    """What ``mpnet status`` does (mpnet.control.request), as the refused user would run it."""
+
+    def action() -> str:
+        try:
+            control_request(path, {"command": "status"}, timeout=5)
+        except ControlError as exc:
+            return f"ControlError: {exc}"
+        return "answered"
+
+    return action
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    """A directory other users may traverse (pytest's tmp dirs are 0700: no test of the
+    socket's own mode could get past them)."""
+    directory = Path(tempfile.mkdtemp(prefix="mpnet-control-"))
+    directory.chmod(0o755)
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_control_socket_permissions_and_refused_peers(mpnet, shared_dir):
+    path = shared_dir / "control.sock"
+    server = mpnet(
+        config(["echo"], workers=1, echo_ports=[0], control_socket=str(path)), start=False
+    )
+    old_umask = os.umask(0)  # the mode must not depend on the umask mpnet was started with
+    try:
+        server.start()
+    finally:
+        os.umask(old_umask)
+    mode = path.lstat().st_mode
+    assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+
+    # The file mode stops other users at connect().
+    assert as_nobody(raw_request(path)) == "connect: errno 13"
+    assert as_nobody(client_request(path)) == f"ControlError: permission denied on {path}"
+
+    # With the file opened up, SO_PEERCRED still refuses them, and the master says so.
+    path.chmod(0o666)
+    answer = as_nobody(raw_request(path))
+    assert json.loads(answer) == {"ok": False, "error": "permission denied"}
+    assert as_nobody(client_request(path)) == "ControlError: permission denied"
+    server.wait_log(r"control socket: refused pid \d+ \(uid 65534\): not allowed", count=2)
+
+    # Root is welcome.
+    result = run_mpnet(server.directory, "status", "-s", str(path))
+    assert result.returncode == 0, result.stderr
+    assert f"mpnet pid {server.pid}" in result.stdout
+
+
+def test_status_stop_and_cli_errors(mpnet):
+    server = mpnet(config(["echo", "lastsaid"], workers=2, echo_ports=[0], lastsaid_ports=[0]))
+    echo_port, lastsaid_port = server.port("echo"), server.port("lastsaid")
+    with Client(echo_port) as client:
+        client.read_until(b"\n")
+        wait_for(lambda: sum(w["connections"] for w in status(server)["workers"]) == 1)
+
+        table = mpnet_cli(server, "status")
+        assert table.returncode == 0, table.stderr
+        lines = table.stdout.splitlines()
+        assert re.match(rf"mpnet pid {server.pid}, up \d+s, generation 1, 2 worker slot", lines[0])
+        assert lines[1].split() == [
+            "slot", "pid", "gen", "state", "conns", "served", "cpu%", "rss", "uptime",
+        ]  # fmt: skip
+        rows = [line.split() for line in lines[2:4]]
+        assert {int(row[1]) for row in rows} == settled(server, 2)
+        assert all(row[3] == "ready" and row[7].endswith("M") for row in rows)
+        assert sorted(int(row[4]) for row in rows) == [0, 1]
+        assert f"  echo (module echo) -> 127.0.0.1:{echo_port}" in lines
+        assert f"  lastsaid (module lastsaid) -> 127.0.0.1:{lastsaid_port}" in lines
+
+        raw = mpnet_cli(server, "status", "--json")
+        assert raw.returncode == 0, raw.stderr
+        data = json.loads(raw.stdout)["status"]
+        assert data["pid"] == server.pid and data["slots"] == 2
+        worker = data["workers"][0]
+        assert set(worker) == {
+            "slot", "pid", "generation", "state", "connections", "served",
+            "cpu_percent", "rss", "uptime",
+        }  # fmt: skip
+        assert worker["rss"] > 1 << 20 and worker["cpu_percent"] >= 0
+        assert {s["name"]: s["endpoints"] for s in data["services"]} == {
+            "echo": [f"127.0.0.1:{echo_port}"],
+            "lastsaid": [f"127.0.0.1:{lastsaid_port}"],
+        }
+
+    result = mpnet_cli(server, "stop")
+    assert result.returncode == 0 and "graceful stop started" in result.stdout
+    assert server.wait_exit() == 0
+    assert not (server.directory / "control.sock").exists()
+    result = mpnet_cli(server, "status")
+    assert result.returncode == 1 and "is mpnet running?" in result.stderr
