@@ -56,6 +56,7 @@ MEMORY_CHECK_EVERY = 5.0
 # seconds) are still unread; a pass that took longer than this judges no worker's silence.
 STALL_GRACE = 0.5
 STATUS_EVERY = 5.0
+HOUSEKEEPING_EVERY = 0.05
 TCP_MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
 
 
@@ -122,6 +123,7 @@ class Master:
         self.notifier: Any = None  # systemd notifier, set by the CLI when running under systemd
         self.started_at = time.time()
         self._next_memory_check = 0.0
+        self._next_housekeeping = 0.0
         self._next_status = 0.0
         self._next_watchdog = 0.0
         self._polled_at = time.monotonic()  # when the loop last looked at the channels
@@ -222,8 +224,21 @@ class Master:
 
     def _loop_once(self) -> None:
         self._wait(self._next_timeout())
+        signalled = bool(self.signal_queue)
         while self.signal_queue:
             self._handle_signal(self.signal_queue.popleft())
+        now = time.monotonic()
+        # Channel traffic (shared-table operations) wakes the loop often; the bookkeeping below
+        # runs on a signal (SIGCHLD included) or at most every HOUSEKEEPING_EVERY seconds.
+        if signalled or now >= self._next_housekeeping or self.state == "starting":
+            self._next_housekeeping = now + HOUSEKEEPING_EVERY
+            self._housekeeping()
+        self.shared.tick()
+        for handle in self.workers.values():
+            if handle.channel.wants_write:
+                self._update_interest(handle)  # filled while serving another worker
+
+    def _housekeeping(self) -> None:
         self._reap()
         for handle in list(self.workers.values()):
             if handle.channel.failed and not handle.channel.closed:
@@ -236,7 +251,6 @@ class Master:
             self._systemd_tick()
         if self.control is not None:
             self.control.expire()
-        self.shared.tick()
 
     def _next_timeout(self) -> float:
         """Sleep until the next thing due: a respawn, a SIGKILL deadline, a watchdog ping."""

@@ -34,6 +34,10 @@ Values are plain data (None, bool, int, float, str, bytes, list, dict); anything
 ``TypeError`` in the writing module, at the write. Treat values read from a table as immutable:
 mutating one in place changes only the local replica (write a modified copy back instead).
 
+Every message a worker writes is sent at the call (so an error, e.g. a value too large for the
+channel, is raised at the write). The master queues frames for workers that are not waiting on
+an answer until the end of its loop pass (see :class:`SharedMaster`).
+
 A new worker needs no snapshot message: it is forked from the master, so it starts with a copy of
 the master's tables, and every write sequenced after the fork reaches its channel.
 """
@@ -361,11 +365,20 @@ class SharedState:
 
 
 class SharedMaster:
-    """The authoritative tables in the master: sequencing, atomics, broadcasts, persistence."""
+    """The authoritative tables in the master: sequencing, atomics, broadcasts, persistence.
+
+    Sending: every sequenced write and broadcast goes to every worker, but a worker that is not
+    waiting for an answer gets its frames queued and sent once per pass of the master's loop
+    (:meth:`tick`), in sequence order: under load many writes then cost one send (one wake-up
+    of the worker) instead of one each. The worker that asked for an atomic operation gets its
+    answer at once, after whatever was queued for it, so when the answer arrives the worker has
+    every write sequenced before it (the guarantee ``await table.incr(...)`` relies on).
+    """
 
     def __init__(self, config: Config) -> None:
         self.tables: dict[str, dict[Any, Any]] = {}
         self.sequence = 0
+        self._queued: dict[Any, list[bytes]] = {}  # channel -> frames to send at the next tick
         state_file = config["state_file"]
         self.store = (
             Store(config.resolve_path(state_file), config["state_fsync"]) if (state_file) else None
@@ -390,8 +403,31 @@ class SharedMaster:
             self.store.forget()
 
     def tick(self) -> None:
+        """Once per pass of the master's loop: send the queued frames; journal upkeep."""
+        self.flush()
         if self.store is not None:
             self.store.tick(self.tables)
+
+    def flush(self) -> None:
+        """Send every queued frame (a worker that stops reading is cut off by the master)."""
+        queued, self._queued = self._queued, {}
+        for channel, frames in queued.items():
+            channel.send_frame(frames[0] if len(frames) == 1 else b"".join(frames))
+
+    def _queue(self, channel: Any, frame: bytes) -> None:
+        frames = self._queued.get(channel)
+        if frames is None:
+            self._queued[channel] = [frame]
+        else:
+            frames.append(frame)
+
+    def _send_now(self, channel: Any, frame: bytes) -> None:
+        """Send *frame* at once, after what is queued for that channel (order is kept)."""
+        frames = self._queued.pop(channel, None)
+        if frames:
+            frames.append(frame)
+            frame = b"".join(frames)
+        channel.send_frame(frame)
 
     def handle(self, handle: Any, message: list[Any], channels: list[tuple[Any, Any]]) -> bool:
         """Process one shared-state message from a worker; False if it is not one."""
@@ -411,12 +447,14 @@ class SharedMaster:
             try:
                 answer, effect = run_atomic(table, op, args)
             except (SharedError, TypeError, IndexError) as exc:
-                handle.channel.send(["sr", request, False, str(exc)])
+                self._send_now(handle.channel, encode(["sr", request, False, str(exc)]))
                 return True
-            if effect is not None:
+            reply = encode(["sr", request, True, answer])
+            if effect is None:
+                self._send_now(handle.channel, reply)
+            else:
                 # Origin 0: the effect is not one of the requester's pending plain writes.
-                self._write(0, name, effect[0], effect[1], channels)
-            handle.channel.send(["sr", request, True, answer])
+                self._write(0, name, effect[0], effect[1], channels, handle, reply)
         elif kind == "bc":
             _, topic, payload = message
             if not isinstance(topic, str):
@@ -427,17 +465,36 @@ class SharedMaster:
             return False
         return True
 
-    def _write(self, origin: int, name: str, op: str, args: list[Any], channels: list[Any]) -> None:
+    def _write(
+        self,
+        origin: int,
+        name: str,
+        op: str,
+        args: list[Any],
+        channels: list[Any],
+        requester: Any = None,
+        reply: bytes = b"",
+    ) -> None:
+        """Sequence one write: apply, journal, then queue it for every worker. *reply* (an
+        atomic's answer) goes to *requester* at once, in the same send as the effect."""
         table = self.tables.setdefault(name, {})
         apply_write(table, op, args)
         self.sequence += 1
         if self.store is not None:
-            self.store.append(name, op, args)
-        self._fan_out(encode(["sa", origin, name, op, args]), channels)
+            self.store.append(name, op, args)  # journaled (and fsynced) before any answer
+        frame = encode(["sa", origin, name, op, args])
+        for handle, channel in channels:
+            if handle is requester:
+                self._send_now(channel, frame + reply)  # the answer follows its effect
+                reply = b""
+            else:
+                self._queue(channel, frame)
+        if reply and requester is not None:
+            self._send_now(requester.channel, reply)
 
     def _fan_out(self, frame: bytes, channels: list[tuple[Any, Any]]) -> None:
         for _handle, channel in channels:
-            channel.send_frame(frame)  # a worker that stops reading is cut off by the master
+            self._queue(channel, frame)
 
 
 # -- persistence ----------------------------------------------------------------------------------

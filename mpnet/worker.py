@@ -247,6 +247,7 @@ class Worker:
         self.request_stop(message[1])
 
     def _on_channel_lost(self, reason: str) -> None:
+        self.shared.fail_pending(reason)  # nobody will answer the atomics in flight
         if self._stop is not None and not self._stop.done():
             log.error("%s; stopping", reason)
             self.request_stop("graceful")

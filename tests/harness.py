@@ -61,8 +61,7 @@ class Client:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AssertionError(f"no {marker!r} within the deadline; got {self.buffer!r}")
-            self.sock.settimeout(remaining)
-            chunk = self.sock.recv(65536)
+            chunk = self._recv(remaining, f"no {marker!r}")
             if not chunk:
                 raise AssertionError(f"connection closed before {marker!r}; got {self.buffer!r}")
             self.buffer += chunk
@@ -76,8 +75,7 @@ class Client:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AssertionError(f"only {len(self.buffer)} of {size} bytes arrived")
-            self.sock.settimeout(remaining)
-            chunk = self.sock.recv(65536)
+            chunk = self._recv(remaining, f"only {len(self.buffer)} of {size} bytes")
             if not chunk:
                 raise AssertionError(f"connection closed after {len(self.buffer)} of {size} bytes")
             self.buffer += chunk
@@ -90,15 +88,21 @@ class Client:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AssertionError(f"connection still open; got {self.buffer!r}")
-            self.sock.settimeout(remaining)
             try:
-                chunk = self.sock.recv(65536)
+                chunk = self._recv(remaining, "connection still open")
             except ConnectionResetError:
                 chunk = b""
             if not chunk:
                 data, self.buffer = self.buffer, b""
                 return data
             self.buffer += chunk
+
+    def _recv(self, timeout: float, what: str) -> bytes:
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv(65536)
+        except TimeoutError:
+            raise AssertionError(f"{what} within the deadline; got {self.buffer!r}") from None
 
     def close(self) -> None:
         self.sock.close()
