@@ -843,11 +843,6 @@ def test_atomics_are_sent_at_the_call_and_fail_when_the_channel_is_lost():
     asyncio.run(scenario())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="worker.py Worker._on_channel_lost does not call self.shared.fail_pending(reason): "
-    "a module awaiting an atomic when the master dies hangs until graceful_timeout",
-)
 def test_atomics_in_flight_fail_at_once_when_the_master_dies(probe_server):
     server, port = probe_server(workers=1, graceful_timeout=20)
     with Probe(port) as probe:
