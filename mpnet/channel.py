@@ -19,6 +19,8 @@ from typing import Any
 MAX_FRAME = 64 * 1024 * 1024
 """Largest frame either side accepts; a bigger length prefix is a protocol error."""
 
+RECV_SIZE = 256 * 1024
+
 MAX_DEPTH = 64
 """Deepest nesting of lists/dicts the codec accepts, so a hostile frame cannot exhaust the stack."""
 
@@ -289,7 +291,7 @@ class MasterChannel:
         messages: list[Any] = []
         while True:
             try:
-                data = self.sock.recv(256 * 1024)
+                data = self.sock.recv(RECV_SIZE)
             except (BlockingIOError, InterruptedError):
                 return messages
             except OSError:
@@ -297,6 +299,8 @@ class MasterChannel:
             if not data:
                 return messages or None
             messages.extend(self._decoder.feed(data))
+            if len(data) < RECV_SIZE:
+                return messages  # drained: no need for a recv that fails with EAGAIN
 
     def close(self) -> None:
         if not self.closed:

@@ -33,7 +33,7 @@ from .config import Config, ConfigError
 from .control import ControlServer, default_socket_path, service_uids
 from .portmanager import PortConflict, PortLedger, ServicePlan, plan_services
 from .shared import SharedMaster, StateFileError
-from .worker import EXIT_BOOT_ERROR, uvloop, worker_process
+from .worker import EXIT_BOOT_ERROR, Worker, uvloop, worker_process
 
 log = logging.getLogger("mpnet.master")
 
@@ -298,7 +298,7 @@ class Master:
             self.control.on_writable(client)
         if client.sock.fileno() != -1:  # still talking: wait for more in or room out
             events = selectors.EVENT_WRITE if client.outbox else selectors.EVENT_READ
-            self.selector.register(client, events, client)
+            self._register(client, events, client)
 
     def _register(self, fileobj: Any, events: int, data: Any) -> None:
         """Register a new socket. A channel closed by a failed write is still keyed by its old
@@ -423,11 +423,12 @@ class Master:
             try:
                 parent_sock.close()
                 self._forget_in_child(slot)
+                worker = Worker(
+                    slot, self.generation, self.config, child_sock, sockets, self.shared.tables
+                )
             except BaseException:
                 os._exit(1)
-            worker_process(
-                slot, self.generation, self.config, child_sock, sockets, self.shared.tables
-            )
+            worker_process(worker)
         child_sock.close()
         handle = WorkerHandle(
             slot=slot,

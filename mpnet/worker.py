@@ -403,20 +403,13 @@ def _exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any])
     loop.default_exception_handler(context)
 
 
-def worker_process(
-    slot: int,
-    generation: int,
-    config: Config,
-    channel_sock: socket.socket,
-    sockets: dict[str, list[tuple[Binding, socket.socket]]],
-    shared_tables: dict[str, dict[Any, Any]],
-) -> None:
-    """Entry point in the forked child; never returns into the master's code."""
+def worker_process(worker: Worker) -> None:
+    """Run *worker* in the forked child, then exit: never returns into the master's code."""
     code = 1
     try:
-        code = Worker(slot, generation, config, channel_sock, sockets, shared_tables).run()
+        code = worker.run()
     except BaseException:
-        log.exception("worker %d crashed", slot)
+        log.exception("worker %d crashed", worker.slot)
     finally:
         logging.shutdown()
         sys.stdout.flush()

@@ -200,7 +200,8 @@ def test_reload_under_load_zero_errors(mpnet, write_module):
         # The long-lived connections keep their generation-1 workers draining; that did not
         # hold up the five reloads.
         snapshot = status(server)
-    assert load.errors == []
+    # The log helps with the one unexplained reset seen in 1 of 10 suite runs (see the note).
+    assert load.errors == [], server.log[-6000:]
     assert not snapshot["reloading"] and snapshot["generation"] == 6
     states = {(w["generation"], w["state"]) for w in snapshot["workers"]}
     assert (1, "draining") in states and (6, "ready") in states
