@@ -184,7 +184,8 @@ class Service:
         settings = self.settings
         read_timeout, send_timeout = settings.read_timeout, settings.send_timeout
         header_timeout = settings.ssl_handshake_timeout
-        for conn in list(self.connections):
+        # Without read or send timeouts there is nothing to watch per connection.
+        for conn in list(self.connections) if read_timeout or send_timeout else ():
             if conn._closed:
                 continue
             if conn._activity != conn._seen_activity or not conn._idle_since:

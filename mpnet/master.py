@@ -124,6 +124,7 @@ class Master:
         self.started_at = time.time()
         self._next_memory_check = 0.0
         self._next_housekeeping = 0.0
+        self._channels: list[tuple[WorkerHandle, MasterChannel]] | None = None
         self._next_status = 0.0
         self._next_watchdog = 0.0
         self._polled_at = time.monotonic()  # when the loop last looked at the channels
@@ -377,7 +378,11 @@ class Master:
             raise ChannelError(f"unknown message kind {kind!r}")
 
     def _live_channels(self) -> list[tuple[WorkerHandle, MasterChannel]]:
-        return [(h, h.channel) for h in self.workers.values() if not h.channel.closed]
+        """Every worker's channel, for fan-out. Built once per change of the worker set, not
+        per shared-table message (a closed channel ignores what is sent to it)."""
+        if self._channels is None:
+            self._channels = [(h, h.channel) for h in self.workers.values()]
+        return self._channels
 
     # -- signals ------------------------------------------------------------------------------
 
@@ -438,6 +443,7 @@ class Master:
             started=time.monotonic(),
         )
         self.workers[pid] = handle
+        self._channels = None
         self._register(handle.channel, selectors.EVENT_READ, handle)
         log.debug("worker %d started (pid %d, generation %d)", slot, pid, self.generation)
         return handle
@@ -480,6 +486,7 @@ class Master:
             handle = self.workers.pop(pid, None)
             if handle is None:
                 continue
+            self._channels = None
             if not handle.channel.closed:
                 self._read_channel(handle)  # a last boot_error may still be in the socket
             self._close_channel(handle)
