@@ -47,8 +47,8 @@ from typing import Any
 import psutil
 
 BENCH_MODULE = '''
-"""bench_shared's module: N awaited incr round trips in a loop, timed inside the worker."""
-import json, os, time
+"""bench_shared's module: N awaited incr round trips by T tasks, timed inside the worker."""
+import asyncio, json, os, time
 
 table = module.shared("bench")
 
@@ -65,17 +65,22 @@ class listener:
             if words[0] == b"pid":
                 conn.write(f"{os.getpid()}\\n")
                 continue
-            count = int(words[1])
+            count, tasks = int(words[1]), int(words[2])
             key = b"c%d" % os.getpid()
             latencies = []
             clock = time.perf_counter_ns
+
+            async def run(times):
+                for _ in range(times):
+                    t0 = clock()
+                    await table.incr(key)
+                    latencies.append(clock() - t0)
+
             started = clock()
-            for _ in range(count):
-                t0 = clock()
-                await table.incr(key)
-                latencies.append(clock() - t0)
+            await asyncio.gather(*(run(count // tasks) for _ in range(tasks)))
             elapsed = (clock() - started) / 1e9
-            answer = {"pid": os.getpid(), "elapsed": elapsed, "ns": latencies}
+            count = count // tasks * tasks
+            answer = {"pid": os.getpid(), "count": count, "elapsed": elapsed, "ns": latencies}
             conn.write(json.dumps(answer) + "\\n")
 
 
@@ -279,8 +284,9 @@ def local_reads(keys: int = 1000, number: int = 200_000, repeat: int = 5) -> dic
     return results
 
 
-def incr_round_trips(server: MpnetServer, count: int) -> dict[str, float]:
-    """Each worker runs *count* awaited incrs at the same time; pooled figures."""
+def incr_round_trips(server: MpnetServer, count: int, tasks: int = 1) -> dict[str, float]:
+    """Each worker runs *count* awaited incrs (in *tasks* concurrent loops) at the same time as
+    the others; pooled figures."""
     port = server.ports["incrbench"]
     by_pid: dict[int, Line] = {}
     deadline = time.monotonic() + 20
@@ -296,11 +302,11 @@ def incr_round_trips(server: MpnetServer, count: int) -> dict[str, float]:
     results: list[Any] = []
 
     def run(client: Line) -> None:
-        results.append(json.loads(client.ask(f"incr {count}")))
+        results.append(json.loads(client.ask(f"incr {count} {tasks}")))
 
     try:
         for client in by_pid.values():  # warm-up
-            client.ask(f"incr {min(count, 2000)}")
+            client.ask(f"incr {min(count, 2000)} {tasks}")
         threads = [threading.Thread(target=run, args=(c,)) for c in by_pid.values()]
         for thread in threads:
             thread.start()
@@ -313,7 +319,7 @@ def incr_round_trips(server: MpnetServer, count: int) -> dict[str, float]:
         raise BenchError("a worker did not answer")
     latencies = sorted(ns / 1000 for result in results for ns in result["ns"])
     return {
-        "rate": sum(count / result["elapsed"] for result in results),
+        "rate": sum(result["count"] / result["elapsed"] for result in results),
         "p50": percentile(latencies, 0.50),
         "p99": percentile(latencies, 0.99),
     }
@@ -347,6 +353,43 @@ def redis_py_round_trips(port: int, count: int) -> dict[str, float]:
         return figures
     finally:
         client.close()
+
+
+def redis_py_concurrent(port: int, count: int, tasks: int) -> dict[str, float]:
+    """*count* INCRs by *tasks* concurrent asyncio tasks through redis-py's asyncio client (one
+    connection per task, on uvloop like mpnet's workers): the same shape as the module's loops."""
+    import asyncio
+
+    import redis.asyncio
+    import uvloop
+
+    async def measure() -> dict[str, float]:
+        client = redis.asyncio.Redis(host="127.0.0.1", port=port, protocol=2, max_connections=tasks)
+        latencies: list[float] = []
+        clock = time.perf_counter_ns
+
+        async def run(times: int, record: bool) -> None:
+            for _ in range(times):
+                t0 = clock()
+                await client.incr("bench:c")
+                if record:
+                    latencies.append((clock() - t0) / 1000)
+
+        try:
+            await asyncio.gather(*(run(min(count, 2000) // tasks, False) for _ in range(tasks)))
+            started = clock()
+            await asyncio.gather(*(run(count // tasks, True) for _ in range(tasks)))
+            elapsed = (clock() - started) / 1e9
+        finally:
+            await client.aclose()
+        latencies.sort()
+        return {
+            "incr_rate": len(latencies) / elapsed,
+            "incr_p50": percentile(latencies, 0.50),
+            "incr_p99": percentile(latencies, 0.99),
+        }
+
+    return uvloop.run(measure())
 
 
 def redis_benchmark(port: int, server_pid: int, test: str, requests: int) -> dict[str, float]:
@@ -432,6 +475,17 @@ def run(args: argparse.Namespace) -> int:
                 "mpnet2": lambda: figures.add("incr2", incr_round_trips(mpnet2, count)),
                 "redis": lambda: figures.add("redispy", redis_py_round_trips(redis_port, count)),
             }
+            tasks = args.tasks
+            if tasks > 1:
+                sides["mpnet1-c"] = lambda: figures.add(
+                    "incr1c", incr_round_trips(mpnet1, count, tasks)
+                )
+                sides["mpnet2-c"] = lambda: figures.add(
+                    "incr2c", incr_round_trips(mpnet2, count, tasks)
+                )
+                sides["redis-c"] = lambda: figures.add(
+                    "redispyc", redis_py_concurrent(redis_port, count, tasks)
+                )
             if not args.no_benchmark:
                 for test in ("set", "get", "incr"):
                     for name, port, pid in (
@@ -462,8 +516,17 @@ def report(figures: Figures, args: argparse.Namespace) -> None:
         ("redis-server INCR (redis-py)", *(f"redispy.incr_{x}" for x in ("rate", "p50", "p99"))),
         ("redis-server GET (redis-py)", *(f"redispy.get_{x}" for x in ("rate", "p50", "p99"))),
     )
+    if args.tasks > 1:
+        rows += (
+            (f"shared incr, 1 worker, {args.tasks} tasks", "incr1c.rate", "incr1c.p50",
+             "incr1c.p99"),
+            (f"shared incr, 2 workers, {args.tasks} tasks each", "incr2c.rate", "incr2c.p50",
+             "incr2c.p99"),
+            (f"INCR (redis.asyncio), {args.tasks} tasks",
+             *(f"redispyc.incr_{x}" for x in ("rate", "p50", "p99"))),
+        )  # fmt: skip
     for label, rate, p50, p99 in rows:
-        print(f"  {label:<30} {m(rate):9.0f} ops/s {sp(rate):<22} p50 {m(p50):7.1f} us"
+        print(f"  {label:<36} {m(rate):9.0f} ops/s {sp(rate):<22} p50 {m(p50):7.1f} us"
               f"   p99 {m(p99):8.1f} us")  # fmt: skip
     if not args.no_benchmark:
         print(f"\nredis-benchmark -c 50 -n {args.requests} (requests/s; per server CPU-second):")
@@ -488,6 +551,14 @@ def report(figures: Figures, args: argparse.Namespace) -> None:
         f"   target >= 1.5x: {'met' if incr_ratio >= 1.5 else 'MISSED'}"
     )
     print(f"  shared incr rate / redis-py INCR rate, 2 workers  {incr2_ratio:6.2f}x")
+    if args.tasks > 1:
+        ratio_c = m("incr1c.rate") / m("redispyc.incr_rate")
+        print(
+            f"  same, {args.tasks} concurrent tasks, 1 worker         {ratio_c:6.2f}x"
+            f"   target >= 1.5x: {'met' if ratio_c >= 1.5 else 'MISSED'}"
+        )
+        ratio_c2 = m("incr2c.rate") / m("redispyc.incr_rate")
+        print(f"  same, {args.tasks} concurrent tasks, 2 workers        {ratio_c2:6.2f}x")
     print(
         f"  Redis GET p50 / local table read                  {read_ratio:6.0f}x"
         f"   target >= 50x: {'met' if read_ratio >= 50 else 'MISSED'}"
@@ -509,6 +580,9 @@ def main() -> int:
     parser.add_argument("--incrs", type=int, default=20000, help="round trips per worker/side")
     parser.add_argument("--requests", type=int, default=50000, help="redis-benchmark -n")
     parser.add_argument("--no-benchmark", action="store_true", help="skip redis-benchmark")
+    parser.add_argument(
+        "--tasks", type=int, default=32, help="concurrent loops in the throughput test (1: skip)"
+    )
     args = parser.parse_args()
     try:
         return run(args)

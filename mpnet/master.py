@@ -225,6 +225,7 @@ class Master:
 
     def _loop_once(self) -> None:
         self._wait(self._next_timeout())
+        self.shared.tick()  # answers first: housekeeping must not delay them
         signalled = bool(self.signal_queue)
         while self.signal_queue:
             self._handle_signal(self.signal_queue.popleft())
@@ -234,7 +235,6 @@ class Master:
         if signalled or now >= self._next_housekeeping or self.state == "starting":
             self._next_housekeeping = now + HOUSEKEEPING_EVERY
             self._housekeeping()
-        self.shared.tick()
         for handle in self.workers.values():
             if handle.channel.wants_write:
                 self._update_interest(handle)  # filled while serving another worker

@@ -367,12 +367,12 @@ class SharedState:
 class SharedMaster:
     """The authoritative tables in the master: sequencing, atomics, broadcasts, persistence.
 
-    Sending: every sequenced write and broadcast goes to every worker, but a worker that is not
-    waiting for an answer gets its frames queued and sent once per pass of the master's loop
-    (:meth:`tick`), in sequence order: under load many writes then cost one send (one wake-up
-    of the worker) instead of one each. The worker that asked for an atomic operation gets its
-    answer at once, after whatever was queued for it, so when the answer arrives the worker has
-    every write sequenced before it (the guarantee ``await table.incr(...)`` relies on).
+    Sending: every sequenced write, broadcast and atomic answer is queued per worker, in
+    sequence order, and sent once per pass of the master's loop (:meth:`tick`, called right after
+    the loop has read what its workers sent): under load many messages then cost one send (one
+    wake-up of the worker) instead of one each. An atomic's answer is queued after every write
+    sequenced before it, so when the answer arrives the worker has all of them (the guarantee
+    ``await table.incr(...)`` relies on).
     """
 
     def __init__(self, config: Config) -> None:
@@ -410,6 +410,8 @@ class SharedMaster:
 
     def flush(self) -> None:
         """Send every queued frame (a worker that stops reading is cut off by the master)."""
+        if self.store is not None:
+            self.store.commit()
         queued, self._queued = self._queued, {}
         for channel, frames in queued.items():
             channel.send_frame(frames[0] if len(frames) == 1 else b"".join(frames))
@@ -421,14 +423,6 @@ class SharedMaster:
         else:
             frames.append(frame)
 
-    def _send_now(self, channel: Any, frame: bytes) -> None:
-        """Send *frame* at once, after what is queued for that channel (order is kept)."""
-        frames = self._queued.pop(channel, None)
-        if frames:
-            frames.append(frame)
-            frame = b"".join(frames)
-        channel.send_frame(frame)
-
     def handle(self, handle: Any, message: list[Any], channels: list[tuple[Any, Any]]) -> bool:
         """Process one shared-state message from a worker; False if it is not one."""
         kind = message[0]
@@ -438,20 +432,22 @@ class SharedMaster:
                 raise ChannelError(f"bad shared write {op!r}")
             if len(args) != _WRITE_ARITY[op] or (op == "update" and type(args[0]) is not dict):
                 raise ChannelError(f"bad arguments for shared write {op!r}")
+            check_plain(args)  # the codec decodes deeper nesting than a module may write
             self._write(handle.pid, name, op, args, channels)
         elif kind == "sx":
             _, request, name, op, args = message
             if not isinstance(name, str) or not isinstance(args, list) or not args:
                 raise ChannelError("bad atomic request")
+            check_plain(args)
             table = self.tables.setdefault(name, {})
             try:
                 answer, effect = run_atomic(table, op, args)
             except (SharedError, TypeError, IndexError) as exc:
-                self._send_now(handle.channel, encode(["sr", request, False, str(exc)]))
+                self._queue(handle.channel, encode(["sr", request, False, str(exc)]))
                 return True
             reply = encode(["sr", request, True, answer])
             if effect is None:
-                self._send_now(handle.channel, reply)
+                self._queue(handle.channel, reply)
             else:
                 # Origin 0: the effect is not one of the requester's pending plain writes.
                 self._write(0, name, effect[0], effect[1], channels, handle, reply)
@@ -459,6 +455,7 @@ class SharedMaster:
             _, topic, payload = message
             if not isinstance(topic, str):
                 raise ChannelError("broadcast topic is not a string")
+            check_plain(payload)
             frame = encode(["be", topic, payload])
             self._fan_out(frame, channels)
         else:
@@ -476,21 +473,21 @@ class SharedMaster:
         reply: bytes = b"",
     ) -> None:
         """Sequence one write: apply, journal, then queue it for every worker. *reply* (an
-        atomic's answer) goes to *requester* at once, in the same send as the effect."""
+        atomic's answer) is queued for *requester* right after the effect."""
         table = self.tables.setdefault(name, {})
         apply_write(table, op, args)
         self.sequence += 1
         if self.store is not None:
-            self.store.append(name, op, args)  # journaled (and fsynced) before any answer
+            self.store.append(name, op, args)  # committed before anything is sent (flush)
         frame = encode(["sa", origin, name, op, args])
         for handle, channel in channels:
             if handle is requester:
-                self._send_now(channel, frame + reply)  # the answer follows its effect
+                self._queue(channel, frame + reply)  # the answer follows its effect
                 reply = b""
             else:
                 self._queue(channel, frame)
         if reply and requester is not None:
-            self._send_now(requester.channel, reply)
+            self._queue(requester.channel, reply)
 
     def _fan_out(self, frame: bytes, channels: list[tuple[Any, Any]]) -> None:
         for _handle, channel in channels:
@@ -499,7 +496,7 @@ class SharedMaster:
 
 # -- persistence ----------------------------------------------------------------------------------
 
-_MAGIC = b"MPNETSNAP1\n"
+_MAGIC = b"MPNETSNAP2\n"  # 2: msgpack bodies
 _COMPACT_BYTES = 64 * 1024 * 1024
 
 
@@ -557,11 +554,16 @@ class Store:
         record = len(payload).to_bytes(4, "big") + zlib.crc32(payload).to_bytes(4, "big") + payload
         self._journal.write(record)
         self._journal_bytes += len(record)
-        if self.fsync == "always":
+        self._dirty = True
+
+    def commit(self) -> None:
+        """With ``fsync = "always"``: make every appended write durable now. Called before the
+        master sends anything, so no worker sees a write (or an answer) that a crash could lose;
+        the writes read in one pass of the master's loop share one fsync."""
+        if self._dirty and self.fsync == "always":
             self._journal.flush()
             os.fsync(self._journal.fileno())
-        else:
-            self._dirty = True
+            self._dirty = False
 
     def tick(self, tables: dict[str, dict[Any, Any]]) -> None:
         if self._dirty and self.fsync == "everysec" and time.monotonic() - self._last_sync >= 1:

@@ -228,6 +228,8 @@ class Worker:
 
     async def _flush_channel(self) -> None:
         """Give queued channel messages (``boot_error``, ``stopped``) a moment to leave."""
+        if self.channel is not None:
+            self.channel.flush()
         transport = self.channel.transport if self.channel else None
         deadline = time.monotonic() + 2.0
         while transport and transport.get_write_buffer_size() and time.monotonic() < deadline:

@@ -55,10 +55,13 @@ class Backend:
 
     def close(self) -> None:
         self._stop.set()
+        # The accept thread first: a socket it accepts while stopping must be shut down too,
+        # or its handler thread would keep that connection open for its 30 s timeout.
+        self._threads[0].join(5)
         for sock in self.accepted:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-        for thread in self._threads:
+        for thread in self._threads[1:]:
             thread.join(5)
         self.listener.close()
 

@@ -152,8 +152,9 @@ def test_atomic_effect_is_not_taken_for_a_pending_own_write():
 
 
 def test_an_answer_comes_after_every_write_sequenced_before_it():
-    # The master queues frames for workers until the end of its loop pass, but the answer to an
-    # atomic must not overtake them: awaiting it means the replica has caught up.
+    # The master queues frames for workers until the end of its loop pass, answers included;
+    # the answer to an atomic must not overtake writes sequenced before it: awaiting it means the
+    # replica has caught up.
     async def scenario() -> None:
         cluster = Cluster(2)
         a, b = cluster.table(0), cluster.table(1)
@@ -163,6 +164,9 @@ def test_an_answer_comes_after_every_write_sequenced_before_it():
         assert cluster.workers[0].end.inbox == []
         answer = a.cas("x", "from b", "swapped")
         cluster.to_master(0, tick=False)
+        assert cluster.workers[0].end.inbox == []  # the answer waits for the end of the pass
+        cluster.master.tick()
+        assert [m[0] for m in cluster.workers[0].end.inbox] == ["sa", "sa", "sa", "sr"]
         cluster.to_worker(0)
         assert await answer is True
         assert a.snapshot() == {"x": "swapped", "y": 1, "z": 2}
@@ -351,6 +355,53 @@ def test_store_snapshot_and_journal_round_trip(tmp_path):
     store = Store(path, "always")
     assert store.load() == expected
     store.close(expected)
+
+
+def test_master_refuses_a_write_nested_deeper_than_a_module_may_write():
+    # msgpack decodes nesting far deeper than check_plain allows; the master checks, so such a
+    # write (only a broken worker can send one) never reaches the tables (the worker is cut off).
+    cluster = Cluster(1)
+    deep: Any = None
+    for _ in range(100):
+        deep = [deep]
+    handle = cluster.workers[0].handle
+    for message in (
+        ["sw", "t", "set", ["k", deep]],
+        ["sx", 1, "t", "setdefault", ["k", deep]],
+        ["bc", "topic", deep],
+    ):
+        with pytest.raises(TypeError, match="nested too deeply"):
+            cluster.master.handle(handle, message, cluster.channels)
+    cluster.master.tick()
+    assert cluster.master.tables.get("t", {}) == {}
+    assert cluster.workers[0].end.inbox == []
+
+
+def test_with_fsync_always_nothing_is_sent_before_the_journal_holds_it(tmp_path):
+    path = tmp_path / "state.db"
+    cluster = Cluster(2, state_file=str(path))
+    durable_when_sent = []
+    for worker in cluster.workers:
+        deliver = worker.end.send_frame
+
+        def send_frame(frame, deliver=deliver):
+            durable_when_sent.append(Store(path, "always").load())
+            deliver(frame)
+
+        worker.end.send_frame = send_frame
+
+    async def scenario() -> None:
+        a, b = cluster.table(0), cluster.table(1)
+        b["x"] = 1
+        answer = a.incr("n", 5)
+        cluster.to_master(1, tick=False)
+        cluster.to_master(0)  # one pass: both writes, then one commit, then the sends
+        cluster.to_worker(0)
+        assert await answer == 5
+        assert durable_when_sent == [{"t": {"x": 1, "n": 5}}] * 2
+
+    asyncio.run(scenario())
+    cluster.master.close()
 
 
 # -- through real processes ------------------------------------------------------------------------
