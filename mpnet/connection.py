@@ -10,6 +10,12 @@ Callback order per connection is ``onconnect [-> onincoming | ondrain | onreadti
 onstarttls]* -> ondisconnect``, with ``ondisconnect`` exactly once, and only for connections
 whose ``onconnect`` ran. When a callback returns an awaitable, the connection stops reading until
 it finishes and later events wait their turn, so async callbacks still run in order.
+
+A service picks its connection class once: :class:`Connection` (plain), :class:`TLSConnection`
+(direct TLS, the handshake run by mpnet after the accept), :class:`ProxiedConnection` (a PROXY
+header first) or :class:`ProxiedTLSConnection` (a header, then the handshake), so the plain path
+carries no check for the others. ``max_connections_per_ip`` is counted across the workers of the
+service in a region they share (:mod:`mpnet.iplimit`).
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from . import iplimit
 from .proxyproto import ProxyHeaderParser, ProxyProtocolError
+from .tls import ServerHandshake
 
 if TYPE_CHECKING:
     from .module import Provider
@@ -55,6 +63,7 @@ class ServiceSettings:
     limit_message: bytes | None = None
     proxy_protocol: bool = False
     ssl_context: ssl.SSLContext | None = None
+    direct_tls: bool = False  # the handshake starts on accept (after the PROXY header, if any)
 
 
 class WorkerCounters:
@@ -91,16 +100,28 @@ class Service:
         self.connections: set[Connection] = set()
         # Connections still waiting for their PROXY header (not yet visible to the module).
         self.waiting: set[ProxiedConnection] = set()
-        self.per_ip: dict[str, int] = {}
+        # Direct-TLS connections during their handshake (not yet visible to the module either).
+        self.handshaking: set[Connection] = set()
+        self.handshake_failures = 0
+        # Counted across every worker of the service (mpnet/iplimit.py).
+        self.per_ip = (
+            iplimit.counter() if self.settings.max_connections_per_ip is not None else None
+        )
         self.served = 0
         self.refused = 0
         self._refused_logged = 0
         self._refusal_reason = ""
         self._next_limit_log = 0.0
         self.worker_label = worker_label
+        proxied, tls = self.settings.proxy_protocol, self.settings.direct_tls
+        # The plain class keeps the plain path free of TLS and PROXY checks.
         self.connection_class: type[Connection] = (
-            ProxiedConnection if self.settings.proxy_protocol else Connection
+            (ProxiedTLSConnection if tls else ProxiedConnection)
+            if proxied
+            else (TLSConnection if tls else Connection)
         )
+        # For a connection another service accepted (multiplexing): any TLS is done already.
+        self.handover_class: type[Connection] = ProxiedConnection if proxied else Connection
 
     def protocol_factory(self) -> Connection:
         return self.connection_class(self)
@@ -116,18 +137,30 @@ class Service:
             exc_info=exc,
         )
 
+    def handshake_failed(self, conn: Connection, exc: BaseException) -> None:
+        """A direct-TLS handshake failed or timed out: the peer's business, so debug level;
+        the module never hears of the connection."""
+        self.handshake_failures += 1
+        log.debug(
+            "service %s: TLS handshake failed for connection from %s: %s",
+            self.name,
+            conn.describe_peer(),
+            str(exc) or type(exc).__name__,
+        )
+
     # -- limits ---------------------------------------------------------------------------------
 
     def admit(self, conn: Connection) -> str | None:
-        """Why *conn* must be refused (a limit is reached), or None to admit it."""
+        """Why *conn* must be refused (a limit is reached), or None to admit it, in which case
+        :meth:`opened` must follow (its address is counted already)."""
         counters = self.counters
         if counters.max_connections is not None and counters.open >= counters.max_connections:
             return f"max_connections ({counters.max_connections}) reached in this worker"
         limit = self.settings.max_connections  # <service>_max_connections, if set
         if limit is not None and len(self.connections) >= limit:
             return f"{self.name}_max_connections ({limit}) reached in this worker"
-        limit = self.settings.max_connections_per_ip
-        if limit is not None and self.per_ip.get(conn.ip(), 0) >= limit:
+        per_ip, limit = self.per_ip, self.settings.max_connections_per_ip
+        if per_ip is not None and not per_ip.admit((self.name, conn.ip()), limit):  # type: ignore[arg-type]
             return f"max_connections_per_ip ({limit}) reached for {conn.ip()}"
         return None
 
@@ -160,21 +193,13 @@ class Service:
         self.connections.add(conn)
         self.counters.open += 1
         self.served += 1
-        if self.settings.max_connections_per_ip is not None:
-            ip = conn.ip()
-            self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
 
     def closed(self, conn: Connection) -> None:
         if conn in self.connections:
             self.connections.discard(conn)
             self.counters.open -= 1
-            if self.settings.max_connections_per_ip is not None:
-                ip = conn.ip()
-                left = self.per_ip.get(ip, 1) - 1
-                if left > 0:
-                    self.per_ip[ip] = left
-                else:
-                    self.per_ip.pop(ip, None)
+            if self.per_ip is not None:
+                self.per_ip.remove((self.name, conn.ip()))
 
     # -- timeouts -------------------------------------------------------------------------------
 
@@ -382,6 +407,58 @@ class Connection(asyncio.Protocol):
         else:
             self.close("read timeout")
 
+    # -- direct TLS (used by TLSConnection and ProxiedTLSConnection) ----------------------------
+
+    _handshake: ServerHandshake | None = None
+
+    def _begin_tls(self, data: bytes, timeout: float | None) -> None:
+        """Start the server handshake on the plain transport; *data*: bytes already read that
+        belong to it. The module hears of the connection only once the handshake succeeded;
+        application data that comes before that waits in the backlog, as during an async
+        callback."""
+        service = self._service
+        service.handshaking.add(self)  # keeps the connection referenced until it is decided
+        context = service.settings.ssl_context
+        assert context is not None and self._transport is not None
+        self._handshake = handshake = ServerHandshake(self._transport, self, context, timeout, data)
+        self._pending = handshake.task
+        handshake.task.add_done_callback(self._tls_done)
+
+    def _tls_done(self, task: asyncio.Task[asyncio.Transport]) -> None:
+        service = self._service
+        service.handshaking.discard(self)
+        self._pending = self._handshake = None
+        lost = self.__dict__.pop("_lost_in_handshake", None)
+        exc = asyncio.CancelledError() if task.cancelled() else task.exception()
+        if exc is not None:
+            self._closed = True
+            self._backlog = None
+            service.handshake_failed(self, exc)
+            if self._transport is not None and not self._transport.is_closing():
+                self._transport.abort()
+            return
+        self._transport = task.result()
+        why = service.admit(self)
+        if why is not None:
+            self._closed = True
+            self._backlog = None
+            service.refuse(self, self._transport, why)
+            return
+        self._start(service)
+        backlog = self._backlog
+        while backlog and self._pending is None:
+            self._event(*backlog.popleft())
+        if lost is not None:  # the peer closed right after the handshake
+            Connection.connection_lost(self, lost[0])
+
+    def _lost_in_handshake(self, exc: Exception | None) -> bool:
+        """Whether the connection is still in its handshake; then its loss is remembered for
+        :meth:`_tls_done` (a failed handshake ignores it, a finished one replays it)."""
+        if self in self._service.handshaking:
+            self.__dict__["_lost_in_handshake"] = (exc,)
+            return True
+        return False
+
     # -- the API a module uses --------------------------------------------------------------------
 
     def write(self, data: bytes | str) -> bool:
@@ -565,6 +642,26 @@ class Connection(asyncio.Protocol):
         return f"<mpnet connection {self.id} {self.describe_peer()} service={self._service.name}>"
 
 
+class TLSConnection(Connection):
+    """A direct-TLS connection (``encryption = "ssl"``): accepted in the clear, then mpnet runs
+    the server handshake (:class:`mpnet.tls.ServerHandshake`). ``onconnect`` runs once it has
+    succeeded; a handshake that fails or times out (``ssl_handshake_timeout``) is logged at
+    debug level with the peer and the reason, counted, and never reaches the module."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        self._begin_tls(b"", self._service.settings.ssl_handshake_timeout or None)
+
+    def data_received(self, data: bytes) -> None:
+        handshake = self._handshake
+        if handshake is None or not handshake.early(data):
+            Connection.data_received(self, data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._lost_in_handshake(exc):
+            Connection.connection_lost(self, exc)
+
+
 class ProxiedConnection(Connection):
     """A connection that must begin with a PROXY protocol header (``<service>_proxy_protocol``).
 
@@ -597,6 +694,11 @@ class ProxiedConnection(Connection):
         self._proxy_peer = real  # type: ignore[assignment]
         if result.source is not None:
             self._peer = (result.source[0], result.source[1])
+        self._header_done(result.remaining)
+
+    def _header_done(self, remaining: bytes) -> None:
+        """The header is parsed: the module sees the connection now (*remaining*: the bytes
+        that followed the header in the same read)."""
         service = self._service
         why = service.admit(self)
         if why is not None:
@@ -604,8 +706,8 @@ class ProxiedConnection(Connection):
             service.refuse(self, self._transport, why)  # type: ignore[arg-type]
             return
         self._start(service)
-        if result.remaining and not self._closed:
-            self.data_received(result.remaining)
+        if remaining and not self._closed:
+            self.data_received(remaining)
 
     def _proxy_failed(self, reason: str) -> None:
         self._service.waiting.discard(self)
@@ -626,6 +728,28 @@ class ProxiedConnection(Connection):
 
     def proxy(self) -> tuple[str, int] | None:
         return self._proxy_peer
+
+
+class ProxiedTLSConnection(ProxiedConnection):
+    """A PROXY header, then a direct-TLS handshake (a TLS service behind a load balancer).
+
+    What followed the header in the same read is the start of the ClientHello: it goes to the
+    TLS layer. The header and the handshake share one ``ssl_handshake_timeout`` deadline."""
+
+    def _header_done(self, remaining: bytes) -> None:
+        timeout = self._service.settings.ssl_handshake_timeout
+        if timeout:
+            timeout = round(max(timeout - (time.monotonic() - self._accepted_at), 0.001), 3)
+        self._begin_tls(remaining, timeout or None)
+
+    def data_received(self, data: bytes) -> None:
+        handshake = self._handshake
+        if handshake is None or not handshake.early(data):
+            ProxiedConnection.data_received(self, data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._lost_in_handshake(exc):
+            ProxiedConnection.connection_lost(self, exc)
 
 
 class OutgoingConnection(Connection):

@@ -5,9 +5,11 @@ A provider joins by declaring ``multiplex={"pattern": rb"^GET "}`` (a regex matc
 start of the stream) and/or ``multiplex={"protocol": "xmpp-client"}`` (an ALPN protocol ID). The
 framework then offers two services of its own: ``multiplex`` (plain) and ``multiplex_ssl`` (direct
 TLS); they listen only where the config gives them ports (``multiplex_ports``,
-``multiplex_ssl_ports``). The first bytes are held until one pattern matches; then the
-connection is handed, with those bytes, to the chosen service as if it had connected there.
-Nothing matching within ``MAX_SNIFF`` bytes (or within the handshake timeout) closes it.
+``multiplex_ssl_ports``). On ``multiplex_ssl`` mpnet runs the TLS handshake first and the
+ALPN protocol it agreed on chooses the service. Otherwise the first bytes are held until one
+pattern matches; then the connection is handed, with those bytes, to the chosen service as if it
+had connected there. Nothing matching within ``MAX_SNIFF`` bytes (or within the handshake
+timeout) closes it.
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from .tls import ServerHandshake
 
 if TYPE_CHECKING:
     from .connection import Service
@@ -77,18 +82,58 @@ class Sniffer(asyncio.Protocol):
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
         self.accepted_at = time.monotonic()
+        self.handshake: ServerHandshake | None = None
+        self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.owner.waiting.add(self)
-        ssl_object = transport.get_extra_info("ssl_object")
-        protocol = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
-        service = self.owner.rules.by_protocol(protocol)
+        context = self.owner.ssl_context
+        if context is not None:
+            self.handshake = ServerHandshake(
+                self.transport,  # type: ignore[arg-type]
+                self,
+                context,
+                self.owner.handshake_timeout or None,
+            )
+            self.handshake.task.add_done_callback(self._tls_done)
+
+    def _tls_done(self, task: asyncio.Task[asyncio.Transport]) -> None:
+        self.handshake = None
+        exc = asyncio.CancelledError() if task.cancelled() else task.exception()
+        if exc is not None:
+            self.owner.waiting.discard(self)
+            self.owner.handshake_failures += 1
+            peer = self.transport.get_extra_info("peername") if self.transport else None
+            log.debug(
+                "service %s: TLS handshake failed for connection from %s: %s",
+                self.owner.name,
+                peer,
+                str(exc) or type(exc).__name__,
+            )
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.abort()
+            return
+        self.transport = task.result()
+        if self.lost:  # closed right after the handshake, before anything was chosen
+            self.owner.waiting.discard(self)
+            return
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        service = self.owner.rules.by_protocol(ssl_object.selected_alpn_protocol())
         if service is not None:
             self._hand_over(service)
+        elif self.buffer:
+            self._sniff()
 
     def data_received(self, data: bytes) -> None:
+        handshake = self.handshake
+        if handshake is not None and handshake.early(data):
+            return
         self.buffer += data
+        if handshake is None:  # (else ALPN chooses first, once the handshake is done)
+            self._sniff()
+
+    def _sniff(self) -> None:
         service = self.owner.rules.by_data(self.buffer)
         if service is not None:
             self._hand_over(service)
@@ -97,7 +142,7 @@ class Sniffer(asyncio.Protocol):
 
     def _hand_over(self, service: Service) -> None:
         self.owner.waiting.discard(self)
-        conn = service.protocol_factory()
+        conn = service.handover_class(service)
         transport = self.transport
         assert transport is not None
         transport.set_protocol(conn)
@@ -114,17 +159,28 @@ class Sniffer(asyncio.Protocol):
             self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.owner.waiting.discard(self)
+        self.lost = True
+        if self.handshake is None:
+            self.owner.waiting.discard(self)
+        # (during the handshake the sniffer stays referenced in waiting: _tls_done decides)
 
 
 class MultiplexService:
-    """``multiplex`` or ``multiplex_ssl`` in one worker."""
+    """``multiplex`` or ``multiplex_ssl`` (with *ssl_context*: direct TLS) in one worker."""
 
-    def __init__(self, name: str, rules: Rules, handshake_timeout: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        rules: Rules,
+        handshake_timeout: float,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.name = name
         self.rules = rules
         self.waiting: set[Sniffer] = set()
         self.handshake_timeout = handshake_timeout
+        self.ssl_context = ssl_context
+        self.handshake_failures = 0
         self.connections: set[Any] = set()  # the chosen services own their connections
         self.served = 0
 
@@ -133,6 +189,6 @@ class MultiplexService:
         return Sniffer(self)
 
     def sweep(self, now: float) -> None:
-        for sniffer in list(self.waiting):
-            if now - sniffer.accepted_at >= self.handshake_timeout:
+        for sniffer in list(self.waiting):  # (a TLS handshake has its own timer)
+            if sniffer.handshake is None and now - sniffer.accepted_at >= self.handshake_timeout:
                 sniffer.fail("no data matching a multiplexed service in time")

@@ -1,12 +1,18 @@
-"""TLS server contexts from the config's ``[ssl]`` / ``<service>_ssl`` tables.
+"""TLS server contexts from the config's ``[ssl]`` / ``<service>_ssl`` tables, and the server
+side of a handshake on an accepted plain connection.
 
-Built in the checker (so a missing or broken certificate stops a start or a reload with a clear
-message) and again in every new worker (so a reload picks up renewed certificate files for new
-connections). TLS 1.2 is the minimum; the rest are Python's server defaults.
+Contexts are built in the checker (so a missing or broken certificate stops a start or a reload
+with a clear message) and again in every new worker (so a reload picks up renewed certificate
+files for new connections). TLS 1.2 is the minimum; the rest are Python's server defaults.
+
+Listening sockets are always plain: a direct-TLS connection is upgraded by mpnet after it is
+accepted (:class:`ServerHandshake`), so that a PROXY header can come first and a failed
+handshake is mpnet's to log and count rather than the event loop's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from typing import Any
 
@@ -70,3 +76,76 @@ def _path(
     if not path.is_file():
         raise ConfigError(f"{where}: {name} file {str(path)!r} not found")
     return str(path)
+
+
+class ServerHandshake:
+    """The server side of a TLS handshake on an accepted plain *transport*.
+
+    :attr:`task`'s result is the TLS transport that *protocol* is to use from then on; its
+    exception says why the handshake failed or timed out (after *timeout* seconds; None: the
+    loop's default).
+
+    Bytes read in the clear belong to the handshake and must reach the TLS layer in order, but
+    ``loop.start_tls`` passes on only what is read after it has taken over, one loop pass
+    later; and uvloop starts reading right after ``connection_made``, whatever the protocol
+    asked. So *data* (bytes read already, such as the start of a ClientHello that came in one
+    segment with a PROXY header) and what *protocol* receives before the takeover
+    (:meth:`early`) are handed to the TLS layer directly: after ``start_tls`` has installed it
+    (its first step, which the task runs before the callback scheduled here) and before the
+    transport reads again. Until the TLS layer's ``connection_made`` they wait in its buffer.
+    """
+
+    __slots__ = ("_early", "_loop", "_protocol", "_scheduled", "_transport", "task")
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        protocol: asyncio.BaseProtocol,
+        context: ssl.SSLContext,
+        timeout: float | None,
+        data: bytes = b"",
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._transport = transport
+        self._protocol = protocol
+        self._early = bytearray()
+        self._scheduled = False
+        transport.pause_reading()
+        self.task: asyncio.Task[asyncio.Transport] = self._loop.create_task(
+            self._loop.start_tls(
+                transport, protocol, context, server_side=True, ssl_handshake_timeout=timeout
+            )
+        )
+        if data:
+            self.early(data)
+
+    def early(self, data: bytes) -> bool:
+        """Called with what *protocol* receives during the handshake: True when *data* came
+        in the clear before the TLS layer took over (it is passed on to it), False when it is
+        already decrypted application data."""
+        if self._transport.get_protocol() is not self._protocol:
+            return False
+        self._early += data
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._feed)
+        return True
+
+    def _feed(self) -> None:
+        tls = self._transport.get_protocol()
+        if tls is self._protocol:
+            if not self.task.done():  # start_tls has not taken over yet (it reads nothing)
+                self._loop.call_soon(self._feed)
+            return  # (done: start_tls failed before taking over, and its task says why)
+        data, self._early = bytes(self._early), bytearray()
+        self._scheduled = False
+        if not hasattr(tls, "buffer_updated"):
+            tls.data_received(data)  # type: ignore[attr-defined]
+            return
+        view = memoryview(data)
+        while view:
+            buffer = tls.get_buffer(len(view))  # type: ignore[attr-defined]
+            size = min(len(buffer), len(view))
+            buffer[:size] = view[:size]
+            tls.buffer_updated(size)  # type: ignore[attr-defined]
+            view = view[size:]

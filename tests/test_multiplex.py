@@ -203,3 +203,23 @@ def test_read_timeout_of_the_chosen_service_applies(muxed):
         client.read_until(b"\n")
         assert client.read_to_eof(timeout=5) == b""
     server.wait_log(r"\[alpha\] info: ondisconnect w0\.c\d+ read timeout")
+
+
+def test_failed_handshake_on_the_tls_port_is_logged_and_harmless(muxed, cert):
+    server = muxed(log_level="debug", multiplex_ssl_ssl_handshake_timeout=1)
+    port = server.port("multiplex_ssl")
+    with _tls(port, cert[0], ["alpha/1"]) as bystander:
+        with Client(port) as plain, Client(port) as silent:
+            plain_port = plain.sock.getsockname()[1]
+            silent_port = silent.sock.getsockname()[1]
+            plain.send(b"ALPHA in the clear\n")
+            assert plain.read_to_eof() == b""
+            assert silent.read_to_eof(timeout=10) == b""
+        server.wait_log(r"debug: service multiplex_ssl: TLS handshake failed for connection "
+                        rf"from \('127\.0\.0\.1', {plain_port}\): ")  # fmt: skip
+        server.wait_log(r"debug: service multiplex_ssl: TLS handshake failed for connection "
+                        rf"from \('127\.0\.0\.1', {silent_port}\): .*taking longer")  # fmt: skip
+        bystander.send(b"unharmed\n")
+        assert bystander.read_until(b"\n") == b"alpha[ssl=True alpn=alpha/1]:unharmed\n"
+    assert server.log.count("info: onconnect") == 1
+    assert "no data matching" not in server.log  # the handshake timed out, not the sniffing

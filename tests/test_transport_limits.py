@@ -9,6 +9,7 @@ and what slow or greedy peers cost in memory (worker RSS via psutil).
 from __future__ import annotations
 
 import hashlib
+import signal
 import socket
 import threading
 import time
@@ -347,11 +348,6 @@ def test_max_connections_overridden_per_service(mpnet, write_module):
             assert refused.read_to_eof(timeout=2) == b""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="max_connections_per_ip is counted in each worker (Service.per_ip), so an address "
-    "may hold up to workers x limit connections (see report)",
-)
 def test_max_connections_per_ip_holds_across_workers(mpnet, write_module):
     tools = write_module("tools", TOOLS)
     server = mpnet(config([str(tools)], workers=2, tools_ports=[0], max_connections_per_ip=1))
@@ -360,9 +356,71 @@ def test_max_connections_per_ip_holds_across_workers(mpnet, write_module):
     try:
         served = [c for c in clients if _outcome(c) == "served"]
         assert len(served) == 1
+        # Both workers refused some: the limit held in each, counting the other's connection.
+        for slot in (0, 1):
+            server.wait_log(rf"worker {slot} \[tools\] warn: service tools refused \d+ ")
     finally:
         for client in clients:
             client.close()
+
+
+def _holder(server, client: Client) -> psutil.Process:
+    """The worker process that holds *client*'s connection."""
+
+    def find() -> psutil.Process | None:
+        local = client.sock.getsockname()
+        for worker in server.workers():
+            for conn in worker.net_connections("tcp"):
+                if conn.raddr and (conn.raddr.ip, conn.raddr.port) == local:
+                    return worker
+        return None
+
+    return wait_for(find, what="the worker holding the connection")
+
+
+def test_per_ip_counts_of_a_killed_worker_are_released(mpnet, write_module):
+    """A worker killed with SIGKILL never decrements its counts: the master zeroes its row
+    when it reaps it, so the address is not locked out by connections that no longer exist."""
+    tools = write_module("tools", TOOLS)
+    server = mpnet(config([str(tools)], workers=2, tools_ports=[0], max_connections_per_ip=1))
+    port = server.port("tools")
+    with Client(port) as first:
+        assert first.read_until(b"\n") == b"hi\n"
+        with Client(port) as refused:
+            assert _outcome(refused) == "closed"
+        victim = _holder(server, first)
+        victim.kill()
+        assert first.read_to_eof() == b""
+    server.wait_log(rf"worker \d \(pid {victim.pid}\) killed by signal SIGKILL")
+    wait_for(lambda: len(server.workers()) == 2, what="the replacement worker")
+    clients = [Client(port) for _ in range(8)]  # whichever worker takes them
+    try:
+        assert [_outcome(c) for c in clients].count("served") == 1
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_per_ip_limit_holds_across_a_reload(mpnet, write_module):
+    """During a reload the draining generation's connections still count."""
+    tools = write_module("tools", TOOLS)
+    text = config(
+        [str(tools)], workers=1, tools_ports=[0], max_connections_per_ip=1, graceful_timeout=30
+    )
+    server = mpnet(text)
+    port = server.port("tools")
+    with Client(port) as old:
+        assert old.read_until(b"\n") == b"hi\n"
+        server.signal(signal.SIGHUP)
+        server.wait_log(r"reload complete: generation 2")
+        server.wait_log(r"worker 0 \[mpnet\] info: stopping: waiting up to")
+        with Client(port) as new:
+            assert _outcome(new) == "closed"  # refused by generation 2: old is still open
+        server.wait_log(r"worker 0 \[tools\] warn: service tools refused 1 .*127\.0\.0\.1")
+        old.send(b"still served by generation 1\n")
+        assert old.read_until(b"\n") == b"still served by generation 1\n"
+    with Client(port) as after:
+        assert after.read_until(b"\n") == b"hi\n"
 
 
 EMFILE = """

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -238,14 +240,10 @@ def test_behind_a_real_haproxy(whois, tmp_path, option):
 TLS_WHOIS = WHOIS.replace("default_port=0)", 'default_port=0, encryption="ssl")')
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="worker.py _boot starts TLS in create_server(ssl=...) before the PROXY header is "
-    "read, so proxy_protocol cannot work on a direct-TLS service (see report)",
-)
-def test_proxy_protocol_in_front_of_direct_tls(mpnet, write_module, tmp_path):
-    import ssl
-
+@pytest.fixture
+def tls_whois(mpnet, write_module, tmp_path):
+    """``start(**keys)`` -> (server, certificate): a direct-TLS ``whois`` that requires PROXY
+    headers (the certificate is self-signed for localhost)."""
     cert, key = tmp_path / "c.pem", tmp_path / "c.key"
     subprocess.run(
         [
@@ -259,10 +257,136 @@ def test_proxy_protocol_in_front_of_direct_tls(mpnet, write_module, tmp_path):
         timeout=30,
     )
     path = write_module("whois", TLS_WHOIS)
-    text = config([str(path)], workers=1, whois_ports=[0], whois_proxy_protocol=True)
-    server = mpnet(text + f'ssl = {{ certificate = "{cert}", key = "{key}" }}\n')
+
+    def start(**keys):
+        keys = {"workers": 1, "whois_ports": [0], "whois_proxy_protocol": True, **keys}
+        text = config([str(path)], **keys)
+        return mpnet(text + f'ssl = {{ certificate = "{cert}", key = "{key}" }}\n'), cert
+
+    return start
+
+
+def test_proxy_protocol_in_front_of_direct_tls(tls_whois):
+    server, cert = tls_whois()
     with Client(server.port("whois")) as client:
         client.send(build_v2(("203.0.113.9", 5555), ("127.0.0.1", 443)))
         context = ssl.create_default_context(cafile=str(cert))
         client.sock = context.wrap_socket(client.sock, server_hostname="localhost")
         assert _answer(client)[:2] == ("203.0.113.9", 5555)
+        client.send(b"over tls\n")
+        assert client.read_until(b"\n") == b"over tls\n"
+    server.wait_log(r"\[whois\] info: onconnect w0\.c\d+ 203\.0\.113\.9:5555 via \('127\.0\.0\.1'")
+
+
+class BioClient:
+    """A TLS client driven through memory BIOs over a plain socket, so that the test decides
+    what each send holds: here a PROXY header and the ClientHello in one segment."""
+
+    def __init__(self, sock: socket.socket, cafile: Path) -> None:
+        self.sock = sock
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        context = ssl.create_default_context(cafile=str(cafile))
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+        self.plain = b""
+
+    def client_hello(self) -> bytes:
+        with contextlib.suppress(ssl.SSLWantReadError):
+            self.tls.do_handshake()
+        return self.outgoing.read()
+
+    def _pump(self, deadline: float) -> None:
+        """Send what TLS wants sent, then wait for bytes from the server."""
+        if self.outgoing.pending:
+            self.sock.sendall(self.outgoing.read())
+        self.sock.settimeout(max(deadline - time.monotonic(), 0.01))
+        data = self.sock.recv(65536)
+        if not data:
+            raise AssertionError("the server closed the connection")
+        self.incoming.write(data)
+
+    def handshake(self, timeout: float = 10.0, flush: bool = True) -> None:
+        """Complete the handshake; with *flush* False, the client's last flight stays queued
+        (to go out with what is sent next)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._pump(deadline)
+        if flush and self.outgoing.pending:
+            self.sock.sendall(self.outgoing.read())
+
+    def send(self, data: bytes) -> None:
+        self.tls.write(data)
+        self.sock.sendall(self.outgoing.read())
+
+    def read_until(self, marker: bytes, timeout: float = 10.0) -> bytes:
+        deadline = time.monotonic() + timeout
+        while marker not in self.plain:
+            try:
+                self.plain += self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                self._pump(deadline)
+        index = self.plain.index(marker) + len(marker)
+        data, self.plain = self.plain[:index], self.plain[index:]
+        return data
+
+
+@pytest.mark.parametrize("build", [build_v1, build_v2], ids=["v1", "v2"])
+def test_proxy_header_and_client_hello_in_one_segment(tls_whois, build):
+    """The bytes after the header in the same read are the start of the TLS handshake: they
+    must reach the TLS layer (else the handshake waits for a ClientHello already consumed)."""
+    server, cert = tls_whois()
+    with Client(server.port("whois")) as raw:
+        client = BioClient(raw.sock, cert)
+        raw.send(build(("198.51.100.20", 6000), ("127.0.0.1", 443)) + client.client_hello())
+        client.handshake()
+        assert client.tls.version() in ("TLSv1.2", "TLSv1.3")
+        ip, port, proxy = client.read_until(b"\n").decode().rstrip("\n").split(" ", 2)
+        assert (ip, int(port)) == ("198.51.100.20", 6000)
+        assert proxy == repr(raw.sock.getsockname())
+        client.send(b"after the handshake\n")
+        assert client.read_until(b"\n") == b"after the handshake\n"
+
+
+def test_tls_behind_a_real_haproxy(tls_whois, tmp_path):
+    """HAProxy in TCP mode writes the header, then forwards the client's ClientHello as soon
+    as it has it: often in the same segment."""
+    server, cert = tls_whois()
+    with haproxy(tmp_path, server.port("whois"), "send-proxy-v2") as front:
+        context = ssl.create_default_context(cafile=str(cert))
+        for _ in range(3):
+            with Client(front) as client:
+                client.sock = context.wrap_socket(client.sock, server_hostname="localhost")
+                ip, port, _proxy = _answer(client)
+                assert (ip, port) == client.sock.getsockname()
+                payload = os.urandom(100_000)
+                client.send(payload)
+                assert client.read_exactly(len(payload)) == payload
+    server.wait_log(r"\[whois\] info: ondisconnect", count=3)
+
+
+def test_failed_handshake_after_the_header_is_logged_with_the_client(tls_whois):
+    server, cert = tls_whois(log_level="debug", ssl_handshake_timeout=2)
+    port = server.port("whois")
+    started = time.monotonic()
+    with Client(port) as plain, Client(port) as silent:
+        plain.send(build_v1(("192.0.2.70", 7070), ("127.0.0.1", 443)) + b"GET / HTTP/1.0\r\n\r\n")
+        assert plain.read_to_eof() == b""
+        silent.send(build_v1(("192.0.2.71", 7171), ("127.0.0.1", 443)))  # then no ClientHello
+        assert silent.read_to_eof(timeout=10) == b""
+    # The header and the handshake share one deadline.
+    assert time.monotonic() - started < 6
+    server.wait_log(r"debug: service whois: TLS handshake failed for connection from "
+                    r"192\.0\.2\.70:7070: .*")  # fmt: skip
+    server.wait_log(r"debug: service whois: TLS handshake failed for connection from "
+                    r"192\.0\.2\.71:7171: .*taking longer than")  # fmt: skip
+    with Client(port) as good:
+        good.send(build_v2(("192.0.2.72", 7272), ("127.0.0.1", 443)))
+        context = ssl.create_default_context(cafile=str(cert))
+        good.sock = context.wrap_socket(good.sock, server_hostname="localhost")
+        assert _answer(good)[:2] == ("192.0.2.72", 7272)
+    server.wait_log(r"\[whois\] info: onconnect w0\.c\d+ 192\.0\.2\.72:7272")
+    assert server.log.count("[whois] info: onconnect") == 1
+    assert "Traceback" not in server.log

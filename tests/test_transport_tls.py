@@ -6,6 +6,7 @@ Peers are Python's ssl module and the real ``openssl s_client``; certificates ar
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import select
@@ -14,11 +15,17 @@ import socket
 import ssl
 import struct
 import subprocess
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+import uvloop
 from harness import Client, config, wait_for
+from test_transport_proxy import BioClient
+
+from mpnet.tls import ServerHandshake
 
 TLS_ECHO = """
 class listener:
@@ -275,11 +282,6 @@ def test_failed_handshakes_never_reach_the_module(mpnet, write_module, certs):
     assert "Traceback" not in server.log
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="worker.py _boot passes ssl= to create_server: uvloop handles failed handshakes "
-    "itself and logs nothing, not even at debug level (see report)",
-)
 def test_failed_handshake_is_logged_at_debug_level(mpnet, write_module, certs):
     cert, key = certs["a"]
     path = write_module("tlsecho", TLS_ECHO)
@@ -291,6 +293,137 @@ def test_failed_handshake_is_logged_at_debug_level(mpnet, write_module, certs):
         plain.send(b"GET / HTTP/1.0\r\n\r\n")
         plain.read_to_eof()
     server.wait_log(rf"worker 0 \[mpnet\] debug: .*handshake.*:{local_port}\b", timeout=2)
+
+
+def test_handshake_timeouts_are_logged_and_cost_the_others_nothing(mpnet, write_module, certs):
+    cert, key = certs["a"]
+    path = write_module("tlsecho", TLS_ECHO)
+    text = config(
+        [str(path)], workers=1, tlsecho_ports=[0], log_level="debug",
+        tlsecho_ssl_handshake_timeout=1,
+    ) + f"ssl = {ssl_table(cert, key)}\n"  # fmt: skip
+    server = mpnet(text)
+    port = server.port("tlsecho")
+    with tls_client(port, cert) as bystander:
+        bystander.read_until(b"\n")
+        with Client(port) as idle, Client(port) as partial:
+            partial.send(b"\x16\x03\x01\x02\x00\x01\x00")  # the start of a ClientHello
+            ports = [idle.sock.getsockname()[1], partial.sock.getsockname()[1]]
+            assert idle.read_to_eof(timeout=10) == b""
+            assert partial.read_to_eof(timeout=10) == b""
+        for local_port in ports:
+            server.wait_log(
+                rf"worker 0 \[mpnet\] debug: service tlsecho: TLS handshake failed for "
+                rf"connection from 127\.0\.0\.1:{local_port}: SSL handshake is taking longer"
+            )
+        bystander.send(b"still fine\n")
+        assert bystander.read_until(b"\n") == b"still fine\n"
+    assert _onconnects(server, "tlsecho") == 1
+
+
+ORDERED = TLS_ECHO.replace(
+    "        conn.write(data)\n",
+    "        module.log('info', 'onincoming %s %r', conn.id, data)\n        conn.write(data)\n",
+    1,
+)
+
+
+def test_data_and_close_right_after_the_handshake_keep_their_order(mpnet, write_module, certs):
+    """Application data (and the close) may come from the TLS layer before mpnet has learnt
+    that the handshake is done: they wait, so the module sees onconnect, then onincoming, then
+    ondisconnect, once; and the connection is released (max_connections = 1)."""
+    cert, key = certs["a"]
+    path = write_module("tlsecho", ORDERED)
+    text = config([str(path)], workers=1, tlsecho_ports=[0], max_connections=1)
+    server = mpnet(text + f"ssl = {ssl_table(cert, key)}\n")
+    port = server.port("tlsecho")
+    for i in range(5):
+        client = tls_client(port, cert)
+        client.send(f"burst {i}\n".encode())
+        client.close()
+        server.wait_log(rf"\[tlsecho\] info: ondisconnect w0\.c{i + 1} ")
+    lines = [line for line in server.log.splitlines() if "[tlsecho] info:" in line]
+    for i in range(5):
+        mine = [line.split(" info: ")[1].split()[0] for line in lines if f"w0.c{i + 1} " in line]
+        assert mine[0] == "onconnect" and mine[-1] == "ondisconnect", mine
+        assert mine.count("ondisconnect") == 1
+        assert set(mine[1:-1]) <= {"onincoming"}
+    # The client's Finished, data and close_notify in one segment, then FIN: the TLS layer
+    # has the data before mpnet has learnt that the handshake is done.
+    with Client(port) as raw:
+        client = BioClient(raw.sock, cert)
+        raw.send(client.client_hello())
+        client.handshake(flush=False)
+        client.tls.write(b"in the last flight\n")
+        with contextlib.suppress(ssl.SSLWantReadError):
+            client.tls.unwrap()
+        raw.send(client.outgoing.read())
+        raw.sock.shutdown(socket.SHUT_WR)
+        assert raw.read_to_eof().startswith(b"\x17")  # (encrypted: the greeting and the echo)
+    server.wait_log(r"\[tlsecho\] info: ondisconnect w0\.c6 ")
+    mine = [line.split(" info: ")[1] for line in server.log.splitlines() if "w0.c6 " in line]
+    assert [line.split()[0] for line in mine] == ["onconnect", "onincoming", "ondisconnect"]
+    assert "b'in the last flight\\n'" in mine[1]
+    with tls_client(port, cert) as last:
+        assert last.read_until(b"\n") == b"hello ssl=True TLSv1.3\n"
+
+
+@pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])
+def test_server_handshake_takes_the_bytes_read_before_it(certs, loop_kind):
+    """mpnet.tls.ServerHandshake on its own, on both event loops: a protocol reads a prefix,
+    then hands the bytes after it (the start of the ClientHello, same segment) to TLS."""
+    cert, key = certs["a"]
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    loop = uvloop.new_event_loop() if loop_kind == "uvloop" else asyncio.new_event_loop()
+
+    class Prefixed(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport, self.buffer, self.handshake, self.tls = transport, b"", None, None
+
+        def data_received(self, data):
+            if self.handshake is not None and self.handshake.early(data):
+                return
+            if self.tls is not None:
+                self.tls.write(data.upper())
+                return
+            self.buffer += data
+            if self.handshake is None and len(self.buffer) >= 6:
+                self.handshake = ServerHandshake(self.transport, self, context, 10, self.buffer[6:])
+                self.handshake.task.add_done_callback(self.ready)
+
+        def ready(self, task):
+            self.tls = task.result()
+            self.tls.write(b"ready\n")
+
+    started = threading.Event()
+    holder: dict[str, Any] = {}
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        server = loop.run_until_complete(loop.create_server(Prefixed, "127.0.0.1", 0))
+        holder["server"] = server
+        holder["port"] = server.sockets[0].getsockname()[1]
+        started.set()
+        loop.run_forever()
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        assert started.wait(10)
+        with Client(holder["port"]) as raw:
+            client = BioClient(raw.sock, cert)
+            raw.send(b"HELLO\n" + client.client_hello())
+            client.handshake()
+            assert client.read_until(b"\n") == b"ready\n"
+            client.send(b"ping\n")
+            assert client.read_until(b"\n") == b"PING\n"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
 
 
 def test_starttls_with_python_client(mpnet, write_module, certs):
