@@ -9,12 +9,14 @@ every reload use it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import select
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from . import log as mpnet_log
@@ -28,7 +30,7 @@ class CheckFailed(Exception):
 
 def _child(config: Config, write_fd: int) -> None:
     mpnet_log.set_role("checker")
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
     try:
@@ -53,18 +55,68 @@ def _child(config: Config, write_fd: int) -> None:
         view = view[os.write(write_fd, view) :]
 
 
-def check_modules(config: Config, timeout: float) -> dict[str, Any]:
-    """Fork a checker for *config*; return ``{"services": [...], "modules": [...]}``.
+class Check:
+    """A running checker process: read :attr:`fd` until :meth:`read` reports the end, then
+    take :meth:`result`. The master polls ``fd`` in its own select loop (a reload's check must
+    not stop it serving); ``mpnet check`` and start-up simply wait (:func:`check_modules`)."""
 
-    Raises :class:`CheckFailed` with the reason when a module is missing, broken, raises on
-    load, declares something invalid, or does not finish loading within *timeout* seconds.
-    """
+    def __init__(self, pid: int, fd: int, timeout: float) -> None:
+        self.pid = pid
+        self.fd = fd
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self._chunks: list[bytes] = []
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def read(self) -> bool:
+        """Read what the checker wrote so far (never blocks); True once it closed the pipe."""
+        while True:
+            try:
+                chunk = os.read(self.fd, 65536)
+            except (BlockingIOError, InterruptedError):
+                return False
+            if not chunk:
+                return True
+            self._chunks.append(chunk)
+
+    def result(self) -> dict[str, Any]:
+        """The report, once :meth:`read` returned True; raises :class:`CheckFailed`."""
+        try:
+            result = json.loads(b"".join(self._chunks))
+        except ValueError:
+            raise CheckFailed("the module checker died without an answer") from None
+        if not result.get("ok"):
+            raise CheckFailed(result.get("error", "unknown error"))
+        return result
+
+    def timed_out(self) -> CheckFailed:
+        return CheckFailed(f"loading the modules took longer than {self.timeout:g}s")
+
+    def close(self, kill: bool = False) -> None:
+        """Close the pipe; with *kill*, SIGKILL the checker first. The caller reaps it."""
+        if kill:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+        if self.fd != -1:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def start_check(
+    config: Config, timeout: float, child_setup: Callable[[], None] | None = None
+) -> Check:
+    """Fork a checker for *config* and return at once. *child_setup* runs first in the child
+    (the master closes its sockets there: a checker must not hold them while it loads)."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:
         code = 0
         try:
             os.close(read_fd)
+            if child_setup is not None:
+                child_setup()
             _child(config, write_fd)
         except BaseException:
             code = 1
@@ -72,34 +124,29 @@ def check_modules(config: Config, timeout: float) -> dict[str, Any]:
             logging.shutdown()
             os._exit(code)
     os.close(write_fd)
-    chunks = []
-    deadline = time.monotonic() + timeout
+    os.set_blocking(read_fd, False)
+    return Check(pid, read_fd, timeout)
+
+
+def check_modules(config: Config, timeout: float) -> dict[str, Any]:
+    """Fork a checker for *config*, wait for it; return ``{"services": [...], "modules": [...]}``.
+
+    Raises :class:`CheckFailed` with the reason when a module is missing, broken, raises on
+    load, declares something invalid, or does not finish loading within *timeout* seconds.
+    """
+    check = start_check(config, timeout)
     try:
-        while True:
-            remaining = deadline - time.monotonic()
+        while not check.read():
+            remaining = check.deadline - time.monotonic()
             if remaining <= 0:
-                os.kill(pid, signal.SIGKILL)
-                raise CheckFailed(f"loading the modules took longer than {timeout:g}s")
-            try:
-                ready, _, _ = select.select([read_fd], [], [], min(remaining, 0.5))
-            except InterruptedError:
-                continue
-            if not ready:
-                continue
-            chunk = os.read(read_fd, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
+                check.close(kill=True)
+                raise check.timed_out()
+            with contextlib.suppress(InterruptedError):
+                select.select([check.fd], [], [], min(remaining, 0.5))
     finally:
-        os.close(read_fd)
-        _reap(pid)
-    try:
-        result = json.loads(b"".join(chunks))
-    except ValueError:
-        raise CheckFailed("the module checker died without an answer") from None
-    if not result.get("ok"):
-        raise CheckFailed(result.get("error", "unknown error"))
-    return result
+        check.close()
+        _reap(check.pid)
+    return check.result()
 
 
 def _reap(pid: int) -> None:

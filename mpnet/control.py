@@ -51,14 +51,48 @@ class _Client:
         return self.sock.fileno()
 
 
+class Deferred:
+    """An answer given later: ``handle_request`` returns one when the work outlives the
+    request (a reload answers once its modules are checked), then calls :meth:`resolve`.
+
+    The client may wait up to *timeout* seconds (the usual per-client deadline is short).
+    ``on_resolve(client)`` is set by the master: it keeps its selector in step with the client.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.on_resolve: Callable[[_Client], None] | None = None
+        self._client: _Client | None = None
+        self._server: ControlServer | None = None
+        self._early: dict[str, Any] | None = None  # resolved before the request returned
+
+    def _bind(self, server: ControlServer, client: _Client) -> dict[str, Any] | None:
+        """Attach the waiting client; return the answer if it is already known."""
+        if self._early is None:
+            self._client, self._server = client, server
+        return self._early
+
+    def resolve(self, response: dict[str, Any]) -> None:
+        client, server = self._client, self._server
+        if client is None or server is None:
+            self._early = response
+            return
+        self._client = self._server = None
+        if client.sock.fileno() == -1:
+            return  # the peer gave up (or timed out) meanwhile
+        server._answer(client, response)
+        if self.on_resolve is not None:
+            self.on_resolve(client)
+
+
 class ControlServer:
-    """The master's side. ``handle_request(dict) -> dict`` does the work; this class only moves
-    bytes, checks peers and enforces size and time limits."""
+    """The master's side. ``handle_request(dict) -> dict | Deferred`` does the work; this class
+    only moves bytes, checks peers and enforces size and time limits."""
 
     def __init__(
         self,
         path: Path,
-        handle_request: Callable[[dict[str, Any]], dict[str, Any]],
+        handle_request: Callable[[dict[str, Any]], dict[str, Any] | Deferred],
         allowed_uids: set[int],
         log: Any,
     ) -> None:
@@ -151,6 +185,13 @@ class ControlServer:
         except Exception as exc:  # a control request must never take the master down
             self._log.exception("control request %r failed", request)
             response = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        if isinstance(response, Deferred):
+            early = response._bind(self, client)
+            if early is None:  # answered later: the client may wait that long
+                client.deadline = time.monotonic() + response.timeout
+                client.inbox.clear()
+                return
+            response = early
         self._answer(client, response)
 
     def _answer(self, client: _Client, response: dict[str, Any]) -> None:
@@ -265,9 +306,17 @@ def _format_duration(seconds: float) -> str:
 
 
 def print_status(status: dict[str, Any]) -> None:
+    notes = []
+    if status.get("checking"):
+        notes.append("checking a reload's modules")
+    elif status.get("reloading"):
+        notes.append("reloading")
+    if status.get("reload_failed"):
+        notes.append(f"last reload failed: {status['reload_failed']['error']}")
     print(
         f"mpnet pid {status['pid']}, up {_format_duration(status['uptime'])}, "
         f"generation {status['generation']}, {status['slots']} worker slot(s), {status['state']}"
+        + "".join(f"; {note}" for note in notes)
     )
     header = ("slot", "pid", "gen", "state", "conns", "served", "cpu%", "rss", "uptime")
     rows = [header]
@@ -324,6 +373,9 @@ def _reload(args: argparse.Namespace) -> int:
         deadline = time.monotonic() + args.timeout
         while args.wait:
             status = request(path, {"command": "status"}, timeout=args.timeout)["status"]
+            failed = status.get("reload_failed") or {}
+            if failed.get("generation") == response["generation"]:
+                raise ControlError(f"reload failed: {failed.get('error')}")
             if not status["reloading"] and status["generation"] >= response["generation"]:
                 print(f"reload complete: generation {status['generation']} serves every slot")
                 break

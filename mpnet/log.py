@@ -8,6 +8,7 @@ service module (or ``mpnet`` for the framework itself).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import TextIO
 
@@ -82,20 +83,42 @@ def flush() -> None:
         _handler.flush()
 
 
-def reopen() -> None:
-    """Reopen the log file (after logrotate moved it away: SIGUSR1)."""
-    if isinstance(_handler, logging.FileHandler):
-        _handler.acquire()
-        try:
-            try:
-                new = _handler._open()
-            except OSError as exc:  # e.g. a worker running as another user: keep the old file
-                _handler.stream.write(f"cannot reopen log file {_log_file}: {exc}\n")
-                return
-            old, _handler.stream = _handler.stream, new
-            old.close()
-        finally:
-            _handler.release()
+def reopen() -> int | None:
+    """Reopen the log file (after logrotate moved it away: SIGUSR1); return the descriptor now
+    writing to it, or None (logging to stderr, or the file cannot be opened: the old one stays).
+
+    The new file takes the old one's descriptor number (dup2), so whatever in this process holds
+    that number (faulthandler) follows, and workers forked from now on inherit it. Running
+    workers may not be allowed to open the path (``user``): the master hands them this
+    descriptor and they :func:`adopt` it.
+    """
+    if not isinstance(_handler, logging.FileHandler) or _handler.stream is None:
+        return None
+    try:
+        fd = os.open(
+            _handler.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666
+        )
+    except OSError as exc:
+        _handler.stream.write(f"cannot reopen log file {_log_file}: {exc}\n")
+        _handler.flush()
+        return None
+    adopt(fd)
+    return _handler.stream.fileno()
+
+
+def adopt(fd: int) -> None:
+    """Write the log to *fd* from now on (a descriptor passed by the master); closes *fd*."""
+    handler = _handler
+    if not isinstance(handler, logging.StreamHandler) or handler.stream in (None, sys.stderr):
+        os.close(fd)  # not logging to a file here (a reload changed log_file meanwhile)
+        return
+    handler.acquire()
+    try:
+        handler.flush()
+        os.dup2(fd, handler.stream.fileno(), inheritable=False)
+    finally:
+        handler.release()
+        os.close(fd)
 
 
 def set_role(role: str) -> None:

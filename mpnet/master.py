@@ -9,6 +9,10 @@ worker of the current generation. A crashed worker is replaced in its slot (with
 keeps crashing). After a reload, or for a worker to be recycled, a successor starts in the slot and
 only once it is ready is the predecessor told to drain; a reload replaces one slot at a time. Slots
 beyond the wanted count are drained and removed.
+
+A reload's checker is one more descriptor in the loop's selector: the loop keeps serving while it
+loads. If a worker of the new generation fails before it is ready, the reload is rolled back to
+the previous config and generation (whose workers still serve) instead of retrying forever.
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ from typing import Any
 
 from . import log as mpnet_log
 from .channel import ChannelError, MasterChannel
-from .checker import CheckFailed, check_modules
+from .checker import Check, CheckFailed, check_modules, start_check
 from .config import Config, ConfigError
-from .control import ControlServer, default_socket_path, service_uids
+from .control import ControlServer, Deferred, default_socket_path, service_uids
+from .iplimit import IPCountTable
 from .portmanager import PortConflict, PortLedger, ServicePlan, plan_services
 from .shared import SharedMaster, StateFileError
 from .worker import EXIT_BOOT_ERROR, Worker, uvloop, worker_process
@@ -47,13 +52,14 @@ HANDLED_SIGNALS = (
     signal.SIGUSR1,
     signal.SIGCHLD,
 )
+MASTER_ONLY = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
 BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
 HEALTHY_AFTER = 10.0  # a worker that ran this long resets its slot's crash back-off
 TRACEBACK_GRACE = 1.0  # time a blocked worker gets to write its traceback before SIGKILL
 MEMORY_CHECK_EVERY = 5.0
-# Heartbeats that arrived while the master itself was busy (a reload's module check can take
-# seconds) are still unread; a pass that took longer than this judges no worker's silence.
+# Heartbeats that arrived while the master itself was busy are still unread; a pass that took
+# longer than this judges no worker's silence.
 STALL_GRACE = 0.5
 STATUS_EVERY = 5.0
 HOUSEKEEPING_EVERY = 0.05
@@ -82,10 +88,31 @@ class WorkerHandle:
     recycle: bool = False  # to be replaced by a fresh worker (memory limit)
     accepting: bool = True  # False once it closed its listening sockets (when stopping)
     kill_at: float | None = None  # SIGKILL after this time (drain deadline, traceback grace)
+    log_sock: socket.socket | None = None  # SIGUSR1 hands the reopened log file over here
 
     @property
     def active(self) -> bool:
         return self.state in ("booting", "ready")
+
+
+@dataclass
+class PendingReload:
+    """A reload whose modules are being checked: its config, the checker (polled by the
+    master's loop) and the control clients waiting for the outcome."""
+
+    config: Config
+    check: Check
+    waiters: list[Deferred]
+
+
+@dataclass
+class Rollback:
+    """What a reload replaced, restored if the new generation's workers fail to start."""
+
+    config: Config
+    slots: int
+    generation: int
+    plans: list[ServicePlan]
 
 
 def describe_exit(status: int) -> str:
@@ -113,12 +140,18 @@ class Master:
         self.stop_deadline = 0.0
         self.start_error: str | None = None
         self.reloading = False
+        self.reload_failed: dict[str, Any] | None = None  # the last failure, for status
+        self._reload: PendingReload | None = None  # a check in progress
+        self._queued: list[Deferred] | None = None  # one more reload after it (with waiters)
+        self._rollback: Rollback | None = None  # while a reload replaces workers
+        self._generations = 0  # generation numbers ever handed out (a failed one is skipped)
         self.signal_queue: deque[int] = deque()
         self.selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
         self._respawn_at: dict[int, float] = {}
         self._backoff: dict[int, float] = {}
         self.shared = SharedMaster(config)
+        self.ip_counts = IPCountTable.for_workers(config.worker_count)  # a row per live worker
         self.control: ControlServer | None = None
         self.notifier: Any = None  # systemd notifier, set by the CLI when running under systemd
         self.started_at = time.time()
@@ -148,6 +181,10 @@ class Master:
             log.info("stopped")
             return 0
         finally:
+            if self._reload is not None:
+                self._reload.check.close(kill=True)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(self._reload.check.pid, 0)
             self.ledger.close_all()
             if self.control is not None:
                 self.control.close()
@@ -173,7 +210,7 @@ class Master:
         self._open_control()
         for line in self.ledger.describe():
             log.info("service %s", line)
-        self.generation = 1
+        self.generation = self._generations = 1
         deadline = time.monotonic() + float(self.config["boot_timeout"])
         while not self._all_ready():
             if self.start_error:
@@ -247,11 +284,14 @@ class Master:
         if self.stop_mode:
             self._progress_stop()
         else:
+            self._reload_tick()
             self._reconcile()
             self._check_health()
             self._systemd_tick()
         if self.control is not None:
-            self.control.expire()
+            for client in self.control.expire():
+                with contextlib.suppress(KeyError, ValueError):
+                    self.selector.unregister(client)
 
     def _next_timeout(self) -> float:
         """Sleep until the next thing due: a respawn, a SIGKILL deadline, a watchdog ping."""
@@ -261,6 +301,8 @@ class Master:
         deadlines += [h.kill_at for h in self.workers.values() if h.kill_at is not None]
         if self.notifier is not None and self.notifier.watchdog_interval():
             deadlines.append(self._next_watchdog)
+        if self._reload is not None:
+            deadlines.append(self._reload.check.deadline)
         for when in deadlines:
             timeout = min(timeout, max(0.0, when - now))
         return timeout
@@ -286,6 +328,9 @@ class Master:
                 if mask & selectors.EVENT_READ:
                     self._read_channel(data)
                 self._update_interest(data)
+            elif isinstance(data, PendingReload):
+                if data.check.read():
+                    self._check_done()
             else:
                 self._control_client_event(data, mask)
 
@@ -308,6 +353,13 @@ class Master:
         if stale is not None and isinstance(stale.data, WorkerHandle) and stale.data.channel.closed:
             self.selector.unregister(stale.fileobj)
         self.selector.register(fileobj, events, data)
+
+    def _control_answered(self, client: Any) -> None:
+        """A deferred control answer went out: keep the selector in step with that client."""
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(client)
+        if client.sock.fileno() != -1:  # the answer did not fit in the socket at once
+            self._register(client, selectors.EVENT_WRITE, client)
 
     def _unregister_channel(self, handle: WorkerHandle) -> None:
         """Forget a worker's channel in the selector, but only its own registration: a closed
@@ -346,6 +398,8 @@ class Master:
     def _close_channel(self, handle: WorkerHandle) -> None:
         self._unregister_channel(handle)
         handle.channel.close()
+        if handle.log_sock is not None:
+            handle.log_sock.close()
 
     def _cut_off(self, handle: WorkerHandle, reason: str) -> None:
         """A worker broke the channel protocol: end it; the master and the others carry on."""
@@ -420,27 +474,43 @@ class Master:
 
     def _spawn(self, slot: int) -> WorkerHandle:
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Descriptors cannot pass through the worker's end of the channel (an asyncio
+        # transport): the reopened log file takes a datagram pair of its own.
+        log_parent, log_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         sockets = self.ledger.slot_sockets(slot)
         self.shared.before_fork()
         mpnet_log.flush()
+        ip_row = self.ip_counts.acquire()
         pid = os.fork()
         if pid == 0:  # the child: drop everything of the master's, then become the worker
             try:
                 parent_sock.close()
+                log_parent.close()
                 self._forget_in_child(slot)
+                self.ip_counts.attach(ip_row)
                 worker = Worker(
-                    slot, self.generation, self.config, child_sock, sockets, self.shared.tables
+                    slot,
+                    self.generation,
+                    self.config,
+                    child_sock,
+                    sockets,
+                    self.shared.tables,
+                    log_sock=log_child,
                 )
             except BaseException:
                 os._exit(1)
             worker_process(worker)
         child_sock.close()
+        self.ip_counts.assign(pid, ip_row)
+        log_child.close()
+        log_parent.setblocking(False)
         handle = WorkerHandle(
             slot=slot,
             pid=pid,
             generation=self.generation,
             channel=MasterChannel(parent_sock),
             started=time.monotonic(),
+            log_sock=log_parent,
         )
         self.workers[pid] = handle
         self._channels = None
@@ -448,24 +518,36 @@ class Master:
         log.debug("worker %d started (pid %d, generation %d)", slot, pid, self.generation)
         return handle
 
-    def _forget_in_child(self, slot: int) -> None:
+    def _forget_in_child(self, slot: int | None) -> None:
+        """In a forked worker (or, with *slot* None, a checker): close what is the master's.
+        The master's own signals (a group-wide ``kill``, ``systemctl kill``) are ignored."""
         signal.set_wakeup_fd(-1)
         for signum in HANDLED_SIGNALS:
-            signal.signal(signum, signal.SIG_DFL)
+            signal.signal(signum, signal.SIG_IGN if signum in MASTER_ONLY else signal.SIG_DFL)
         self.selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
         for handle in self.workers.values():
             handle.channel.sock.close()
+            if handle.log_sock is not None:
+                handle.log_sock.close()
+        if self._reload is not None:
+            self._reload.check.close()
         if self.control is not None:
             self.control.sock.close()
             for client in self.control.clients.values():
                 client.sock.close()
-        keep = {id(sock) for pairs in self.ledger.slot_sockets(slot).values() for _, sock in pairs}
+        slot_sockets = self.ledger.slot_sockets(slot) if slot is not None else {}
+        keep = {id(sock) for pairs in slot_sockets.values() for _, sock in pairs}
         for sock in self.ledger.all_sockets():
             if id(sock) not in keep:
                 sock.close()
         self.shared.forget_in_child()
+
+    def _forget_in_checker(self) -> None:
+        """In a reload's checker: keep none of the master's sockets (a port released while it
+        loads must not stay bound by it)."""
+        self._forget_in_child(None)
 
     def _kill(self, handle: WorkerHandle, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -484,6 +566,7 @@ class Master:
             if pid == 0:
                 return
             handle = self.workers.pop(pid, None)
+            self.ip_counts.release(pid)  # its per-IP counts end with it, even after kill -9
             if handle is None:
                 continue
             self._channels = None
@@ -500,6 +583,14 @@ class Master:
         if self.state == "starting":
             reason = handle.boot_error or f"worker {handle.slot} {how} before it was ready"
             self.start_error = self.start_error or reason
+            return
+        if (
+            self._rollback is not None
+            and handle.generation == self.generation
+            and handle.ready_at is None
+        ):
+            reason = handle.boot_error or f"worker {handle.slot} {how} before it was ready"
+            self._abandon_reload(f"worker {handle.slot} (pid {handle.pid}): {reason}")
             return
         code = os.waitstatus_to_exitcode(status)
         if handle.boot_error or code == EXIT_BOOT_ERROR:
@@ -609,6 +700,8 @@ class Master:
         )
         if self.reloading and not old_active and not old_accepting and self._all_ready():
             self.reloading = False
+            self._rollback = None
+            self.reload_failed = None
             log.info("reload complete: generation %d serves every slot", self.generation)
             if self.notifier is not None:
                 self.notifier.ready(self._status_line())
@@ -727,8 +820,27 @@ class Master:
         self.slots = count
         return message
 
-    def reload(self) -> tuple[bool, str]:
-        """Re-read config and modules; if valid, replace the workers slot by slot."""
+    def reload(self, waiter: Deferred | None = None) -> None:
+        """Re-read config and modules; if valid, replace the workers slot by slot.
+
+        The modules load in a checker process whose answer the loop picks up
+        (:meth:`_check_done`) while it keeps serving. A reload asked for while a check runs
+        (or during start-up) is queued: however many arrive, one more reload runs after that
+        check, reading the files again. *waiter* (a control client) gets the check's outcome.
+        """
+        waiters = [waiter] if waiter is not None else []
+        if self._reload is not None or self.state != "running":
+            if self._queued is None:
+                log.info("reload requested while %s: it follows", self._busy_with())
+                self._queued = []
+            self._queued += waiters
+            return
+        self._start_reload(waiters)
+
+    def _busy_with(self) -> str:
+        return "starting" if self.state != "running" else "a reload's modules are checked"
+
+    def _start_reload(self, waiters: list[Deferred]) -> None:
         log.info("reloading")
         if self.notifier is not None:
             self.notifier.reloading()
@@ -736,38 +848,130 @@ class Master:
             if self._reload_config is None:
                 raise ConfigError("no config source to re-read")
             config: Config = self._reload_config()
-            slots = self.slots
-            if config.values["workers"] != self.config.values["workers"]:
-                slots = config.worker_count  # the config changed it; else keep TTIN/TTOU's count
-            plans = self._prepare(config)
+            self.shared.before_fork()
+            mpnet_log.flush()
+            check = start_check(config, float(config["boot_timeout"]), self._forget_in_checker)
+        except (ConfigError, OSError) as exc:
+            self._reload_failed(str(exc), waiters)
+            return
+        self._reload = PendingReload(config, check, waiters)
+        self._register(check, selectors.EVENT_READ, self._reload)
+
+    def _reload_tick(self) -> None:
+        """A check past its deadline fails; a queued reload starts once none runs."""
+        if self._reload is not None and time.monotonic() > self._reload.check.deadline:
+            self._check_done(timed_out=True)
+        if self._reload is None and self._queued is not None and self.state == "running":
+            waiters, self._queued = self._queued, None
+            self._start_reload(waiters)
+
+    def _end_check(self) -> PendingReload:
+        pending, self._reload = self._reload, None
+        assert pending is not None
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(pending.check)
+        return pending  # the checker is reaped by _reap, like any child
+
+    def _check_done(self, timed_out: bool = False) -> None:
+        """The checker answered (or ran out of time): plan the ports, then commit or fail."""
+        pending = self._end_check()
+        pending.check.close(kill=timed_out)
+        config = pending.config
+        slots = self.slots
+        if config.values["workers"] != self.config.values["workers"]:
+            slots = config.worker_count  # the config changed it; else keep TTIN/TTOU's count
+        rollback = Rollback(self.config, self.slots, self.generation, self.ledger.plans)
+        try:
+            if timed_out:
+                raise pending.check.timed_out()
+            plans = plan_services(config, pending.check.result()["services"])
             self.ledger.apply(plans, slots)
-        except (ConfigError, StartError, PortConflict) as exc:
-            log.error("reload failed, still serving the previous configuration: %s", exc)
-            if self.notifier is not None:
-                self.notifier.ready(self._status_line())
-            return False, str(exc)
+        except (CheckFailed, ConfigError, PortConflict) as exc:
+            self._reload_failed(str(exc), pending.waiters)
+            return
         mpnet_log.setup(config["log_level"], config["log_file"])
         self.config = config
         self.slots = slots
-        self.generation += 1
+        self._generations += 1
+        self.generation = self._generations
         self.reloading = True
+        self._rollback = rollback
         for line in self.ledger.describe():
             log.info("service %s", line)
         message = f"reload accepted: starting generation {self.generation}"
         log.info("%s", message)
-        return True, message
+        for waiter in pending.waiters:
+            waiter.resolve({"ok": True, "message": message, "generation": self.generation})
+
+    def _reload_failed(self, reason: str, waiters: list[Deferred]) -> None:
+        log.error("reload failed, still serving the previous configuration: %s", reason)
+        self.reload_failed = {"generation": None, "error": reason}
+        self._ready_again(reason)
+        for waiter in waiters:
+            waiter.resolve({"ok": False, "error": f"reload failed: {reason}"})
+
+    def _ready_again(self, reason: str) -> None:
+        """After a failed reload: READY=1 again, with the reason, so systemd's reload ends."""
+        if self.notifier is not None:
+            self.notifier.ready(f"{self._status_line()}; reload failed: {reason}")
+
+    def _abandon_reload(self, reason: str) -> None:
+        """A worker of the reload's generation failed before it was ready: go back to the
+        previous config and generation (its workers still serve every slot the reload had not
+        replaced yet, and respawn where it had), and drain the new generation's workers."""
+        rollback, self._rollback = self._rollback, None
+        assert rollback is not None
+        failed = self.generation
+        log.error(
+            "reload failed: generation %d did not start (%s); back to generation %d",
+            failed,
+            reason,
+            rollback.generation,
+        )
+        self.config, self.slots = rollback.config, rollback.slots
+        self.generation = rollback.generation
+        mpnet_log.setup(self.config["log_level"], self.config["log_file"])
+        try:
+            self.ledger.apply(rollback.plans, rollback.slots)  # binds nothing: all still held
+        except PortConflict as exc:
+            log.error("restoring the previous port plan: %s", exc)
+        for handle in list(self.workers.values()):
+            if handle.generation == failed and handle.active:
+                self._retire(handle, f"generation {failed} failed to start")
+        self.reloading = any(self._outdated(h) for h in self.workers.values())
+        self.reload_failed = {"generation": failed, "error": reason}
+        self._ready_again(reason)
 
     def reopen_logs(self) -> None:
-        mpnet_log.reopen()
+        """SIGUSR1: reopen the log file here (the master keeps its privileges) and hand the
+        new descriptor to every worker: one running as ``user`` could not open the path."""
+        fd = mpnet_log.reopen()
+        if fd is None:
+            log.debug("SIGUSR1: no log file reopened")
+            return
         log.info("log file reopened")
         for handle in self.workers.values():
-            self._kill(handle, signal.SIGUSR1)
+            if handle.log_sock is None or handle.log_sock.fileno() == -1:
+                continue
+            try:
+                socket.send_fds(handle.log_sock, [b"log"], [fd])
+            except OSError as exc:
+                log.warning(
+                    "worker %d (pid %d) keeps the old log file: %s", handle.slot, handle.pid, exc
+                )
 
     def begin_stop(self, mode: str, why: str) -> None:
         if self.stop_mode == "quick" or self.stop_mode == mode:
             return
         log.info("%s stop (%s)", mode, why)
         self.stop_mode = mode
+        if self._reload is not None:
+            pending = self._end_check()
+            pending.check.close(kill=True)
+            self._queued = (self._queued or []) + pending.waiters
+        for waiter in self._queued or []:
+            waiter.resolve({"ok": False, "error": "stopping"})
+        self._queued = None
         key = "graceful_timeout" if mode == "graceful" else "quick_timeout"
         self.stop_deadline = time.monotonic() + float(self.config[key]) + 5.0
         for handle in self.workers.values():
@@ -802,7 +1006,7 @@ class Master:
 
     # -- control socket -----------------------------------------------------------------------
 
-    def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
+    def handle_request(self, request: dict[str, Any]) -> dict[str, Any] | Deferred:
         """One control-socket request (see :mod:`mpnet.control`)."""
         command = request.get("command")
         if command == "status":
@@ -810,10 +1014,11 @@ class Master:
         if command == "reload":
             if self.stop_mode:
                 return {"ok": False, "error": "stopping"}
-            ok, message = self.reload()
-            if not ok:
-                return {"ok": False, "error": f"reload failed: {message}"}
-            return {"ok": True, "message": message, "generation": self.generation}
+            # Answered once the modules are checked (maybe after a reload already checking).
+            waiter = Deferred(2 * float(self.config["boot_timeout"]) + 10)
+            waiter.on_resolve = self._control_answered
+            self.reload(waiter)
+            return waiter
         if command == "stop":
             mode = "quick" if request.get("mode") == "quick" else "graceful"
             self.begin_stop(mode, "control socket")
@@ -862,6 +1067,8 @@ class Master:
             "generation": self.generation,
             "slots": self.slots,
             "reloading": self.reloading,
+            "checking": self._reload is not None,
+            "reload_failed": self.reload_failed,
             "uptime": time.time() - self.started_at,
             "config": self.config.path,
             "workers": workers,

@@ -88,12 +88,15 @@ class Worker:
         channel_sock: socket.socket,
         sockets: dict[str, list[tuple[Binding, socket.socket]]],
         shared_tables: dict[str, dict[Any, Any]],
+        *,
+        log_sock: socket.socket | None = None,
     ) -> None:
         self.slot = slot
         self.generation = generation
         self.config = config
         self.label = f"w{slot}."
         self._channel_sock = channel_sock
+        self._log_sock = log_sock  # the master passes a reopened log file here (SIGUSR1)
         self._sockets = sockets
         self.channel: WorkerChannel | None = None
         self.services: dict[str, Service] = {}
@@ -140,9 +143,11 @@ class Worker:
             (signal.SIGINT, "quick"),
         ):
             loop.add_signal_handler(signum, self.request_stop, mode)
-        loop.add_signal_handler(signal.SIGUSR1, mpnet_log.reopen)
-        for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+        for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1):
             signal.signal(signum, signal.SIG_IGN)  # the master's signals, not ours
+        if self._log_sock is not None:
+            self._log_sock.setblocking(False)
+            loop.add_reader(self._log_sock.fileno(), self._on_log_fd)
         try:
             await self._boot()
         except (ModuleError, ConfigError) as exc:
@@ -169,6 +174,7 @@ class Worker:
         services: dict[str, Any] = {}
         for provider in self.modules.providers:
             settings = service_settings(self.config, provider.name, contexts.get(provider.name))
+            settings.direct_tls = provider.options.get("encryption") == "ssl"
             services[provider.name] = Service(provider, self.label, settings, self.counters)
         for name in MULTIPLEX_SERVICES:
             if name in self._sockets:
@@ -176,6 +182,7 @@ class Worker:
                     name,
                     multiplex_rules(self.modules, services),
                     float(self.config.service_option(name, "ssl_handshake_timeout")),
+                    contexts.get(name) if name == "multiplex_ssl" else None,
                 )
         for name in self._sockets:
             if name not in services:
@@ -190,21 +197,10 @@ class Worker:
                     f"the configuration was checked?)"
                 )
             self.services[name] = service
-            direct_tls = name == "multiplex_ssl" or (
-                name not in MULTIPLEX_SERVICES
-                and service.provider.options.get("encryption") == "ssl"
-            )
+            # Always plain: direct TLS starts once accepted (mpnet/tls.py ServerHandshake).
             for _binding, sock in sockets:
                 server = await loop.create_server(
-                    service.protocol_factory,
-                    sock=sock,
-                    backlog=self.config["backlog"],
-                    ssl=contexts.get(name) if direct_tls else None,
-                    ssl_handshake_timeout=(
-                        float(self.config.service_option(name, "ssl_handshake_timeout"))
-                        if direct_tls
-                        else None
-                    ),
+                    service.protocol_factory, sock=sock, backlog=self.config["backlog"]
                 )
                 self.servers.append(server)
         loop.set_exception_handler(_exception_handler)
@@ -254,6 +250,26 @@ class Worker:
             log.error("%s; stopping", reason)
             self.request_stop("graceful")
 
+    def _on_log_fd(self) -> None:
+        """The master reopened the log file (SIGUSR1) and sent its descriptor: write there.
+        The master opens it because a worker running as ``user`` may not open the path."""
+        assert self._log_sock is not None
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(self._log_sock, 16, 8)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("log descriptor channel failed: %s", exc)
+                asyncio.get_running_loop().remove_reader(self._log_sock.fileno())
+                return
+            if not data and not fds:
+                return
+            for fd in fds[:-1]:
+                os.close(fd)  # several reopens queued up: the last one counts
+            if fds:
+                mpnet_log.adopt(fds[-1])
+
     async def _heartbeat(self) -> None:
         while True:
             self.send(["heartbeat", self.open_connections(), self.served()])
@@ -279,6 +295,7 @@ class Worker:
     async def _shutdown(self, mode: str) -> None:
         for server in self.servers:
             server.close()
+        await _accepted_connections_announced()
         self.send(["not_accepting"])  # a reload is complete only once old workers stop accepting
         if mode == "graceful" and self.open_connections():
             log.info(
@@ -298,6 +315,20 @@ class Worker:
         for service in self.services.values():
             for conn in list(service.connections):
                 conn.abort(SHUTDOWN_REASON)
+        await asyncio.sleep(0)
+
+
+async def _accepted_connections_announced() -> None:
+    """Let connections accepted before the servers closed reach ``connection_made``.
+
+    The loop pass that handled the stop may also have accepted connections whose
+    ``connection_made`` is still queued (uvloop: one callback; asyncio: a task, then a
+    callback). Counted now, they are drained like the others; missed, they were still open when
+    the process exited, and their clients got a reset after the greeting (the rare
+    ConnectionResetError of the reload-under-load test). A few passes of the ready queue: no
+    timer, and nothing new can be accepted any more.
+    """
+    for _ in range(3):
         await asyncio.sleep(0)
 
 

@@ -300,8 +300,9 @@ module.provides("net", listener=listener, default_port=0)
 
 
 def test_slow_reload_check_does_not_kill_healthy_workers(mpnet, write_module, tmp_path):
-    """Regression: the master waits for the checker; heartbeats that arrived meanwhile were
-    still unread when it judged the workers, which then all looked blocked and were killed."""
+    """Regression: when the master still waited for the checker, heartbeats that arrived
+    meanwhile were unread when it judged the workers, which then all looked blocked and were
+    killed. (The check no longer blocks the loop; this guards the health judgement still.)"""
     flag = tmp_path / "slow"
     path = write_module("slow", SLOW_CHECK_MODULE.format(flag=str(flag)))
     server = mpnet(config([str(path)], workers=2, worker_timeout=2))
@@ -313,6 +314,99 @@ def test_slow_reload_check_does_not_kill_healthy_workers(mpnet, write_module, tm
     for pid in pids:
         assert f"(pid {pid}) stopped (exited with code 0)" in server.log
     assert "blocked" not in server.log and "killed" not in server.log
+
+
+SLOW_COUNTER_MODULE = """\
+import os, time
+if __import__("mpnet.log").log._role == "checker" and os.path.exists({flag!r}):
+    time.sleep({delay})  # a slow import, in the reload's throwaway checker only
+counters = module.shared("counters")
+class listener:
+    async def onincoming(conn, data):
+        conn.write(f"{{await counters.incr('n')}}\\n")  # decided by the master
+module.provides("net", listener=listener, default_port=0)
+"""
+
+
+def test_master_serves_while_a_reload_is_checked_and_queues_more_reloads(
+    mpnet, write_module, tmp_path
+):
+    """The checker loads for seconds; meanwhile shared-table atomics and control requests are
+    answered, and further reload requests are coalesced into one reload after this one."""
+    flag = tmp_path / "slow"
+    path = write_module("counter", SLOW_COUNTER_MODULE.format(flag=str(flag), delay=8))
+    server = mpnet(config([str(path)], workers=2))
+    pids = settled(server, 2)
+    cli: subprocess.Popen[str] | None = None
+    with Client(server.port("counter")) as client:
+        flag.touch()
+        server.signal(signal.SIGHUP)
+        (checker,) = wait_for(lambda: worker_pids(server) - pids, what="the reload's checker")
+        for expected in range(1, 6):
+            client.send(b"incr\n")
+            assert client.read_until(b"\n") == f"{expected}\n".encode()
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "mpnet", "reload", "-c", str(server.config_path)],
+            cwd=server.directory,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            server.wait_log("reload requested while a reload's modules are checked: it follows")
+            server.signal(signal.SIGHUP)
+            server.signal(signal.SIGHUP)
+            flag.unlink()  # the running check sleeps on; the next one will not
+            # All of this was answered while the first check was still loading.
+            current = status(server)
+            assert running(checker), "the check ended before the test could tell"
+            assert current.get("checking") and current["generation"] == 1
+            assert "reload accepted" not in server.log
+            out, err = cli.communicate(timeout=60)
+        finally:
+            if cli.poll() is None:
+                os.kill(cli.pid, signal.SIGKILL)
+                cli.wait(10)
+        # The CLI's request waited for the queued reload's check, not the first one's.
+        assert cli.returncode == 0, err
+        assert out.strip() == "reload accepted: starting generation 3"
+        server.wait_log("reload complete: generation 3")
+        client.send(b"incr\n")
+        assert client.read_until(b"\n") == b"6\n"
+    settled(server, 2)
+    assert len(re.findall(r"info: reloading$", server.log, re.MULTILINE)) == 2
+    assert "generation 4" not in server.log
+    assert "blocked" not in server.log and "killed" not in server.log
+    for pid in pids:
+        assert f"(pid {pid}) stopped (exited with code 0)" in server.log
+
+
+def test_reload_check_that_hangs_is_killed_after_boot_timeout(mpnet, write_module, tmp_path):
+    flag = tmp_path / "slow"
+    path = write_module("counter", SLOW_COUNTER_MODULE.format(flag=str(flag), delay=600))
+    server = mpnet(config([str(path)], workers=1, boot_timeout=6))
+    pids = settled(server, 1)
+    flag.touch()
+    server.signal(signal.SIGHUP)
+    (checker,) = wait_for(lambda: worker_pids(server) - pids, what="the reload's checker")
+    assert status(server).get("checking") and running(checker)
+    line = server.wait_log(r"reload failed, still serving the previous configuration: [^\n]*")
+    assert "loading the modules took longer than 6s" in line.group(0)
+    wait_for(lambda: not psutil.pid_exists(checker), what="the checker to be killed and reaped")
+    current = status(server)
+    assert not current["checking"] and not current["reloading"] and current["generation"] == 1
+    assert settled(server, 1) == pids
+    with Client(server.port("counter")) as client:
+        client.send(b"incr\n")
+        assert client.read_until(b"\n") == b"1\n"
+
+
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_reload_adds_and_removes_ports(mpnet, write_module):

@@ -29,7 +29,9 @@ from test_operations import (
     as_nobody,
     client_request,
     connect_to_each_worker,
+    mpnet_cli,
     settled,
+    status,
 )
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -165,6 +167,67 @@ def test_notify_protocol(mpnet, write_module, notify_socket):
     assert server.wait_exit() == 0
     # Workers never talk to systemd: the master removed $NOTIFY_SOCKET before forking.
     assert "NOTIFY_SOCKET" not in server.log
+
+
+WORKER_ONLY_FAILURE_MODULE = """\
+import os
+if __import__("mpnet.log").log._role != "checker" and os.path.exists({flag!r}):
+    raise RuntimeError("fails in workers only")  # the reload's check passes
+class listener:
+    def onconnect(conn):
+        conn.write(f"{{os.getpid()}}\\n")
+module.provides("net", listener=listener, default_port=0)
+"""
+
+
+def test_reload_whose_workers_fail_to_start_reports_ready_and_keeps_serving(
+    mpnet, write_module, notify_socket, tmp_path
+):
+    flag = tmp_path / "fail"
+    path = write_module("fragile", WORKER_ONLY_FAILURE_MODULE.format(flag=str(flag)))
+    server = mpnet(
+        config([str(path)], workers=2),
+        start=False,
+        env={"NOTIFY_SOCKET": str(notify_socket.path)},
+    )
+    server.start()
+    port = server.port("fragile")
+    notify_socket.wait("READY")
+    pids = settled(server, 2)
+
+    flag.touch()
+    server.signal(signal.SIGHUP)
+    reloading_at, _ = notify_socket.wait("RELOADING")
+    _, ready = notify_socket.wait("READY", after=reloading_at)
+    assert ready["STATUS"].startswith("2/2 workers ready")
+    assert "reload failed" in ready["STATUS"] and "fails in workers only" in ready["STATUS"]
+    server.wait_log(r"reload failed: generation 2 did not start \(worker \d \(pid \d+\): ")
+    # The old generation serves on, with the same workers; no restart loop.
+    current = status(server)
+    assert current["generation"] == 1 and not current["reloading"]
+    assert current["reload_failed"]["generation"] == 2
+    table = mpnet_cli(server, "status").stdout.splitlines()[0]
+    assert "; last reload failed: worker " in table and "fails in workers only" in table
+    assert settled(server, 2) == pids
+    wait_for(lambda: pids <= {greeting_pid(port) for _ in range(6)}, what="the old workers")
+    assert "could not start" not in server.log and "crash back-off" not in server.log
+
+    # The same through `mpnet reload --wait`: it says the reload failed.
+    result = mpnet_cli(server, "reload", "--wait")
+    assert result.returncode == 1
+    assert "reload failed" in result.stderr and "fails in workers only" in result.stderr
+    assert settled(server, 2) == pids
+
+    # Fixed: the next reload goes through (generation numbers are never reused).
+    flag.unlink()
+    done_at = time.monotonic()
+    result = mpnet_cli(server, "reload", "--wait")
+    assert result.returncode == 0, result.stderr
+    assert "reload complete: generation 4" in result.stdout
+    _, ready = notify_socket.wait("READY", after=done_at)
+    assert "reload failed" not in ready["STATUS"]
+    assert status(server)["reload_failed"] is None
+    assert not pids & settled(server, 2)
 
 
 # -- socket activation --------------------------------------------------------------------------
@@ -352,13 +415,9 @@ def wait_file(path: Path, pattern: str, timeout: float = 20.0) -> None:
 
 
 @root_only
-@pytest.mark.xfail(
-    strict=True,
-    reason="KNOWN LIMITATION: a worker running as `user` cannot open the root-owned log path "
-    "again, so after SIGUSR1 it keeps writing to the rotated file (mpnet/log.py reopen keeps "
-    "the old stream); handing the master's new descriptor to workers is not built yet",
-)
 def test_sigusr1_reopens_the_log_of_workers_running_as_user(mpnet, tmp_path):
+    """The workers (nobody) cannot open the root-owned path: the master reopens it and hands
+    them the descriptor. A worker started later inherits the new file."""
     log_path = tmp_path / "mpnet.log"
     server = mpnet(
         config(["echo"], workers=1, echo_ports=[0], user="nobody", log_file=str(log_path)),
@@ -367,9 +426,21 @@ def test_sigusr1_reopens_the_log_of_workers_running_as_user(mpnet, tmp_path):
     server.start(wait_ready=False)
     wait_file(log_path, r"ready: 1 worker")
     port = int(re.search(r"-> 127\.0\.0\.1:(\d+)", log_path.read_text()).group(1))
-    log_path.rename(tmp_path / "mpnet.log.1")
+    rotated = log_path.rename(tmp_path / "mpnet.log.1")
     server.signal(signal.SIGUSR1)
     wait_file(log_path, r"log file reopened")
     with Client(port) as client:
         client.read_until(b"\n")
-    wait_file(log_path, r"worker 0 \[echo\] info: Connection closed", timeout=3)
+    wait_file(log_path, r"worker 0 \[echo\] info: Connection closed")
+    assert "Connection closed" not in rotated.read_text()
+    assert "cannot reopen" not in log_path.read_text() + rotated.read_text()
+
+    (worker,) = settled(server, 1)
+    os.kill(worker, signal.SIGKILL)  # its replacement forks from the master: the new file
+    wait_file(log_path, rf"worker 0 \(pid {worker}\) killed by signal SIGKILL")
+    (replacement,) = settled(server, 1)
+    with Client(port) as client:
+        client.read_until(b"\n")
+    wait_file(log_path, r"Connection closed[^\n]*\n(.|\n)*Connection closed")
+    assert "Connection closed" not in rotated.read_text()
+    assert psutil.Process(replacement).uids().effective == pwd.getpwnam("nobody").pw_uid
