@@ -163,9 +163,12 @@ class Reloads:
             self._start(waiters)
 
     def on_readable(self) -> None:
-        """The checker's pipe is readable: take what it wrote; act once it is all there."""
-        assert self._pending is not None
-        if self._pending.check.read():
+        """The checker's pipe is readable: take what it wrote; act once it is all there.
+
+        The event may come from a select() whose earlier events ended the check (a control
+        client's ``stop`` in the same pass): its pipe is closed then, and the event is stale.
+        """
+        if self._pending is not None and self._pending.check.read():
             self._check_done()
 
     def complete(self) -> None:
