@@ -10,9 +10,9 @@ keeps crashing). After a reload, or for a worker to be recycled, a successor sta
 only once it is ready is the predecessor told to drain; a reload replaces one slot at a time. Slots
 beyond the wanted count are drained and removed.
 
-A reload's checker is one more descriptor in the loop's selector: the loop keeps serving while it
-loads. If a worker of the new generation fails before it is ready, the reload is rolled back to
-the previous config and generation (whose workers still serve) instead of retrying forever.
+Beside it, each in its own module: a reload's check, commit and rollback (:mod:`mpnet.reload`,
+which asks things of the master only through :class:`~mpnet.reload.ReloadHost`), the judging of
+worker health (:mod:`mpnet.health`) and the master's view of one worker (:mod:`mpnet.handle`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import signal
 import socket
 import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,11 @@ from .channel import ChannelError, MasterChannel
 from .checker import Check, CheckFailed, check_modules, start_check
 from .config import Config, ConfigError
 from .control import ControlServer, Deferred, default_socket_path, service_uids
+from .handle import WorkerHandle, describe_exit
+from .health import Health
 from .iplimit import IPCountTable
 from .portmanager import PortConflict, PortLedger, ServicePlan, plan_services
+from .reload import Reloads
 from .shared import SharedMaster, StateFileError
 from .worker import EXIT_BOOT_ERROR, Worker, uvloop, worker_process
 
@@ -56,11 +59,6 @@ MASTER_ONLY = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
 BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
 HEALTHY_AFTER = 10.0  # a worker that ran this long resets its slot's crash back-off
-TRACEBACK_GRACE = 1.0  # time a blocked worker gets to write its traceback before SIGKILL
-MEMORY_CHECK_EVERY = 5.0
-# Heartbeats that arrived while the master itself was busy are still unread; a pass that took
-# longer than this judges no worker's silence.
-STALL_GRACE = 0.5
 STATUS_EVERY = 5.0
 HOUSEKEEPING_EVERY = 0.05
 TCP_MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
@@ -70,67 +68,11 @@ class StartError(Exception):
     """The service cannot start; the message says why."""
 
 
-@dataclass
-class WorkerHandle:
-    """The master's view of one worker process."""
-
-    slot: int
-    pid: int
-    generation: int
-    channel: MasterChannel
-    started: float
-    state: str = "booting"  # booting -> ready -> draining; or stopping when the service stops
-    ready_at: float | None = None
-    last_heartbeat: float = 0.0
-    connections: int = 0
-    served: int = 0
-    boot_error: str | None = None
-    recycle: bool = False  # to be replaced by a fresh worker (memory limit)
-    accepting: bool = True  # False once it closed its listening sockets (when stopping)
-    kill_at: float | None = None  # SIGKILL after this time (drain deadline, traceback grace)
-    log_sock: socket.socket | None = None  # SIGUSR1 hands the reopened log file over here
-
-    @property
-    def active(self) -> bool:
-        return self.state in ("booting", "ready")
-
-
-@dataclass
-class PendingReload:
-    """A reload whose modules are being checked: its config, the checker (polled by the
-    master's loop) and the control clients waiting for the outcome."""
-
-    config: Config
-    check: Check
-    waiters: list[Deferred]
-
-
-@dataclass
-class Rollback:
-    """What a reload replaced, restored if the new generation's workers fail to start."""
-
-    config: Config
-    slots: int
-    generation: int
-    plans: list[ServicePlan]
-
-
-def describe_exit(status: int) -> str:
-    code = os.waitstatus_to_exitcode(status)
-    if code < 0:
-        try:
-            return f"killed by signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exited with code {code}"
-
-
 class Master:
     """Owns the listening sockets, the worker processes, the shared state and the control socket."""
 
-    def __init__(self, config: Config, reload_config: Any = None) -> None:
+    def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None) -> None:
         self.config = config
-        self._reload_config = reload_config  # returns a fresh Config, for reloads
         self.slots = config.worker_count
         self.generation = 0
         self.ledger = PortLedger(config["backlog"])
@@ -139,12 +81,8 @@ class Master:
         self.stop_mode: str | None = None
         self.stop_deadline = 0.0
         self.start_error: str | None = None
-        self.reloading = False
-        self.reload_failed: dict[str, Any] | None = None  # the last failure, for status
-        self._reload: PendingReload | None = None  # a check in progress
-        self._queued: list[Deferred] | None = None  # one more reload after it (with waiters)
-        self._rollback: Rollback | None = None  # while a reload replaces workers
-        self._generations = 0  # generation numbers ever handed out (a failed one is skipped)
+        self.reloads = Reloads(self, self.ledger, reload_config)
+        self.health = Health()
         self.signal_queue: deque[int] = deque()
         self.selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
@@ -155,7 +93,6 @@ class Master:
         self.control: ControlServer | None = None
         self.notifier: Any = None  # systemd notifier, set by the CLI when running under systemd
         self.started_at = time.time()
-        self._next_memory_check = 0.0
         self._next_housekeeping = 0.0
         self._channels: list[tuple[WorkerHandle, MasterChannel]] | None = None
         self._next_status = 0.0
@@ -174,17 +111,13 @@ class Master:
                 log.error("cannot start: %s", exc)
                 self._stop_workers_now()
                 return 1
-            if self.notifier is not None:
-                self.notifier.ready(self._status_line())
+            self.notify_ready()
             while self.state != "stopped":
                 self._loop_once()
             log.info("stopped")
             return 0
         finally:
-            if self._reload is not None:
-                self._reload.check.close(kill=True)
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(self._reload.check.pid, 0)
+            self.reloads.close()
             self.ledger.close_all()
             if self.control is not None:
                 self.control.close()
@@ -210,7 +143,7 @@ class Master:
         self._open_control()
         for line in self.ledger.describe():
             log.info("service %s", line)
-        self.generation = self._generations = 1
+        self.generation = 1
         deadline = time.monotonic() + float(self.config["boot_timeout"])
         while not self._all_ready():
             if self.start_error:
@@ -284,9 +217,9 @@ class Master:
         if self.stop_mode:
             self._progress_stop()
         else:
-            self._reload_tick()
+            self.reloads.tick(running=self.state == "running")
             self._reconcile()
-            self._check_health()
+            self.health.check(list(self.workers.values()), self.config, self._polled_at)
             self._systemd_tick()
         if self.control is not None:
             for client in self.control.expire():
@@ -301,8 +234,8 @@ class Master:
         deadlines += [h.kill_at for h in self.workers.values() if h.kill_at is not None]
         if self.notifier is not None and self.notifier.watchdog_interval():
             deadlines.append(self._next_watchdog)
-        if self._reload is not None:
-            deadlines.append(self._reload.check.deadline)
+        if self.reloads.deadline is not None:
+            deadlines.append(self.reloads.deadline)
         for when in deadlines:
             timeout = min(timeout, max(0.0, when - now))
         return timeout
@@ -328,9 +261,8 @@ class Master:
                 if mask & selectors.EVENT_READ:
                     self._read_channel(data)
                 self._update_interest(data)
-            elif isinstance(data, PendingReload):
-                if data.check.read():
-                    self._check_done()
+            elif data == "checker":
+                self.reloads.on_readable()
             else:
                 self._control_client_event(data, mask)
 
@@ -405,31 +337,13 @@ class Master:
         """A worker broke the channel protocol: end it; the master and the others carry on."""
         log.error("worker %d (pid %d) %s; killing it", handle.slot, handle.pid, reason)
         self._close_channel(handle)
-        self._kill(handle, signal.SIGKILL)
+        handle.kill(signal.SIGKILL)
 
     def _on_message(self, handle: WorkerHandle, message: list[Any]) -> None:
-        kind = message[0]
-        if kind == "heartbeat":
-            handle.last_heartbeat = time.monotonic()
-            handle.connections, handle.served = int(message[1]), int(message[2])
-        elif kind == "ready":
-            if handle.state == "booting":
-                handle.state = "ready"
-            handle.ready_at = handle.last_heartbeat = time.monotonic()
-            log.info(
-                "worker %d (pid %d, generation %d) ready",
-                handle.slot,
-                handle.pid,
-                handle.generation,
-            )
-        elif kind == "not_accepting":
-            handle.accepting = False
-        elif kind == "boot_error":
-            handle.boot_error = str(message[1])
-        elif kind == "stopped":
-            handle.served = int(message[1])
-        elif not self.shared.handle(handle, message, self._live_channels()):
-            raise ChannelError(f"unknown message kind {kind!r}")
+        if handle.on_message(message):
+            return
+        if not self.shared.handle(handle, message, self._live_channels()):
+            raise ChannelError(f"unknown message kind {message[0]!r}")
 
     def _live_channels(self) -> list[tuple[WorkerHandle, MasterChannel]]:
         """Every worker's channel, for fan-out. Built once per change of the worker set, not
@@ -531,8 +445,7 @@ class Master:
             handle.channel.sock.close()
             if handle.log_sock is not None:
                 handle.log_sock.close()
-        if self._reload is not None:
-            self._reload.check.close()
+        self.reloads.forget_in_child()
         if self.control is not None:
             self.control.sock.close()
             for client in self.control.clients.values():
@@ -548,10 +461,6 @@ class Master:
         """In a reload's checker: keep none of the master's sockets (a port released while it
         loads must not stay bound by it)."""
         self._forget_in_child(None)
-
-    def _kill(self, handle: WorkerHandle, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(handle.pid, signum)
 
     def _reap(self) -> None:
         while True:
@@ -585,12 +494,12 @@ class Master:
             self.start_error = self.start_error or reason
             return
         if (
-            self._rollback is not None
+            self.reloads.can_roll_back
             and handle.generation == self.generation
             and handle.ready_at is None
         ):
             reason = handle.boot_error or f"worker {handle.slot} {how} before it was ready"
-            self._abandon_reload(f"worker {handle.slot} (pid {handle.pid}): {reason}")
+            self.reloads.roll_back(f"worker {handle.slot} (pid {handle.pid}): {reason}")
             return
         code = os.waitstatus_to_exitcode(status)
         if handle.boot_error or code == EXIT_BOOT_ERROR:
@@ -670,7 +579,7 @@ class Master:
         log.info("worker %d (pid %d) draining: %s", handle.slot, handle.pid, why)
         handle.state = "draining"
         handle.kill_at = time.monotonic() + float(self.config["graceful_timeout"]) + 10
-        self._kill(handle, signal.SIGTERM)
+        handle.kill(signal.SIGTERM)
 
     def _finish_transitions(self) -> None:
         """Close what no worker accepts on any more, once the workers that did were told to drain.
@@ -698,73 +607,8 @@ class Master:
         old_accepting = any(
             h.generation < self.generation and h.accepting for h in self.workers.values()
         )
-        if self.reloading and not old_active and not old_accepting and self._all_ready():
-            self.reloading = False
-            self._rollback = None
-            self.reload_failed = None
-            log.info("reload complete: generation %d serves every slot", self.generation)
-            if self.notifier is not None:
-                self.notifier.ready(self._status_line())
-
-    def _check_health(self) -> None:
-        """Blocked event loops, drain deadlines and the memory limit."""
-        now = time.monotonic()
-        worker_timeout = float(self.config["worker_timeout"])
-        boot_timeout = float(self.config["boot_timeout"])
-        stalled = now - self._polled_at > STALL_GRACE
-        for handle in list(self.workers.values()):
-            if handle.kill_at is not None:
-                if now > handle.kill_at:
-                    log.warning(
-                        "worker %d (pid %d) did not stop in time; killing it",
-                        handle.slot,
-                        handle.pid,
-                    )
-                    handle.kill_at = float("inf")  # reaped soon; judged no more
-                    self._kill(handle, signal.SIGKILL)
-                continue
-            if stalled or not handle.active:
-                continue
-            if handle.state == "booting":
-                silent, limit, what = now - handle.started, boot_timeout, "boot_timeout"
-            else:
-                silent, limit, what = now - handle.last_heartbeat, worker_timeout, "worker_timeout"
-            if worker_timeout and silent > limit:
-                log.error(
-                    "worker %d (pid %d): event loop blocked for %.1fs (%s %gs); "
-                    "its traceback follows, then it is killed and replaced",
-                    handle.slot,
-                    handle.pid,
-                    silent,
-                    what,
-                    limit,
-                )
-                self._kill(handle, signal.SIGUSR2)  # faulthandler dumps every thread's stack
-                handle.kill_at = now + TRACEBACK_GRACE
-        limit = self.config["max_worker_memory"]
-        if limit and now >= self._next_memory_check:
-            self._next_memory_check = now + MEMORY_CHECK_EVERY
-            self._check_memory(int(limit))
-
-    def _check_memory(self, limit: int) -> None:
-        import psutil
-
-        for handle in list(self.workers.values()):
-            if handle.state != "ready" or handle.recycle:
-                continue
-            try:
-                rss = psutil.Process(handle.pid).memory_info().rss
-            except psutil.Error:
-                continue
-            if rss > limit:
-                log.warning(
-                    "worker %d (pid %d) uses %d bytes (max_worker_memory %d): recycling it",
-                    handle.slot,
-                    handle.pid,
-                    rss,
-                    limit,
-                )
-                handle.recycle = True
+        if self.reloads.replacing and not old_active and not old_accepting and self._all_ready():
+            self.reloads.complete()
 
     def _systemd_tick(self) -> None:
         notifier = self.notifier
@@ -773,7 +617,7 @@ class Master:
         now = time.monotonic()
         interval = notifier.watchdog_interval()
         if interval and now >= self._next_watchdog:
-            if self._healthy():
+            if self.health.healthy(self.workers.values(), self.config, self._polled_at):
                 notifier.watchdog()
                 self._next_watchdog = now + interval
             else:  # look again soon, without spinning
@@ -781,16 +625,6 @@ class Master:
         if now >= self._next_status:
             notifier.status(self._status_line())
             self._next_status = now + STATUS_EVERY
-
-    def _healthy(self) -> bool:
-        """Every ready worker's loop answered within worker_timeout (the watchdog's condition)."""
-        now = time.monotonic()
-        if now - self._polled_at > STALL_GRACE:
-            return False  # heartbeats may wait unread: decide on the next pass
-        limit = float(self.config["worker_timeout"]) or float("inf")
-        return all(
-            now - h.last_heartbeat < limit for h in self.workers.values() if h.state == "ready"
-        )
 
     def _status_line(self) -> str:
         ready = sum(1 for h in self.workers.values() if h.state == "ready")
@@ -821,126 +655,9 @@ class Master:
         return message
 
     def reload(self, waiter: Deferred | None = None) -> None:
-        """Re-read config and modules; if valid, replace the workers slot by slot.
-
-        The modules load in a checker process whose answer the loop picks up
-        (:meth:`_check_done`) while it keeps serving. A reload asked for while a check runs
-        (or during start-up) is queued: however many arrive, one more reload runs after that
-        check, reading the files again. *waiter* (a control client) gets the check's outcome.
-        """
-        waiters = [waiter] if waiter is not None else []
-        if self._reload is not None or self.state != "running":
-            if self._queued is None:
-                log.info("reload requested while %s: it follows", self._busy_with())
-                self._queued = []
-            self._queued += waiters
-            return
-        self._start_reload(waiters)
-
-    def _busy_with(self) -> str:
-        return "starting" if self.state != "running" else "a reload's modules are checked"
-
-    def _start_reload(self, waiters: list[Deferred]) -> None:
-        log.info("reloading")
-        if self.notifier is not None:
-            self.notifier.reloading()
-        try:
-            if self._reload_config is None:
-                raise ConfigError("no config source to re-read")
-            config: Config = self._reload_config()
-            self.shared.before_fork()
-            mpnet_log.flush()
-            check = start_check(config, float(config["boot_timeout"]), self._forget_in_checker)
-        except (ConfigError, OSError) as exc:
-            self._reload_failed(str(exc), waiters)
-            return
-        self._reload = PendingReload(config, check, waiters)
-        self._register(check, selectors.EVENT_READ, self._reload)
-
-    def _reload_tick(self) -> None:
-        """A check past its deadline fails; a queued reload starts once none runs."""
-        if self._reload is not None and time.monotonic() > self._reload.check.deadline:
-            self._check_done(timed_out=True)
-        if self._reload is None and self._queued is not None and self.state == "running":
-            waiters, self._queued = self._queued, None
-            self._start_reload(waiters)
-
-    def _end_check(self) -> PendingReload:
-        pending, self._reload = self._reload, None
-        assert pending is not None
-        with contextlib.suppress(KeyError, ValueError):
-            self.selector.unregister(pending.check)
-        return pending  # the checker is reaped by _reap, like any child
-
-    def _check_done(self, timed_out: bool = False) -> None:
-        """The checker answered (or ran out of time): plan the ports, then commit or fail."""
-        pending = self._end_check()
-        pending.check.close(kill=timed_out)
-        config = pending.config
-        slots = self.slots
-        if config.values["workers"] != self.config.values["workers"]:
-            slots = config.worker_count  # the config changed it; else keep TTIN/TTOU's count
-        rollback = Rollback(self.config, self.slots, self.generation, self.ledger.plans)
-        try:
-            if timed_out:
-                raise pending.check.timed_out()
-            plans = plan_services(config, pending.check.result()["services"])
-            self.ledger.apply(plans, slots)
-        except (CheckFailed, ConfigError, PortConflict) as exc:
-            self._reload_failed(str(exc), pending.waiters)
-            return
-        mpnet_log.setup(config["log_level"], config["log_file"])
-        self.config = config
-        self.slots = slots
-        self._generations += 1
-        self.generation = self._generations
-        self.reloading = True
-        self._rollback = rollback
-        for line in self.ledger.describe():
-            log.info("service %s", line)
-        message = f"reload accepted: starting generation {self.generation}"
-        log.info("%s", message)
-        for waiter in pending.waiters:
-            waiter.resolve({"ok": True, "message": message, "generation": self.generation})
-
-    def _reload_failed(self, reason: str, waiters: list[Deferred]) -> None:
-        log.error("reload failed, still serving the previous configuration: %s", reason)
-        self.reload_failed = {"generation": None, "error": reason}
-        self._ready_again(reason)
-        for waiter in waiters:
-            waiter.resolve({"ok": False, "error": f"reload failed: {reason}"})
-
-    def _ready_again(self, reason: str) -> None:
-        """After a failed reload: READY=1 again, with the reason, so systemd's reload ends."""
-        if self.notifier is not None:
-            self.notifier.ready(f"{self._status_line()}; reload failed: {reason}")
-
-    def _abandon_reload(self, reason: str) -> None:
-        """A worker of the reload's generation failed before it was ready: go back to the
-        previous config and generation (its workers still serve every slot the reload had not
-        replaced yet, and respawn where it had), and drain the new generation's workers."""
-        rollback, self._rollback = self._rollback, None
-        assert rollback is not None
-        failed = self.generation
-        log.error(
-            "reload failed: generation %d did not start (%s); back to generation %d",
-            failed,
-            reason,
-            rollback.generation,
-        )
-        self.config, self.slots = rollback.config, rollback.slots
-        self.generation = rollback.generation
-        mpnet_log.setup(self.config["log_level"], self.config["log_file"])
-        try:
-            self.ledger.apply(rollback.plans, rollback.slots)  # binds nothing: all still held
-        except PortConflict as exc:
-            log.error("restoring the previous port plan: %s", exc)
-        for handle in list(self.workers.values()):
-            if handle.generation == failed and handle.active:
-                self._retire(handle, f"generation {failed} failed to start")
-        self.reloading = any(self._outdated(h) for h in self.workers.values())
-        self.reload_failed = {"generation": failed, "error": reason}
-        self._ready_again(reason)
+        """Re-read config and modules; if valid, replace the workers slot by slot (see
+        :mod:`mpnet.reload`). *waiter* (a control client) gets the check's outcome."""
+        self.reloads.request(waiter, running=self.state == "running")
 
     def reopen_logs(self) -> None:
         """SIGUSR1: reopen the log file here (the master keeps its privileges) and hand the
@@ -965,18 +682,12 @@ class Master:
             return
         log.info("%s stop (%s)", mode, why)
         self.stop_mode = mode
-        if self._reload is not None:
-            pending = self._end_check()
-            pending.check.close(kill=True)
-            self._queued = (self._queued or []) + pending.waiters
-        for waiter in self._queued or []:
-            waiter.resolve({"ok": False, "error": "stopping"})
-        self._queued = None
+        self.reloads.cancel()
         key = "graceful_timeout" if mode == "graceful" else "quick_timeout"
         self.stop_deadline = time.monotonic() + float(self.config[key]) + 5.0
         for handle in self.workers.values():
             handle.state = "stopping"
-            self._kill(handle, signal.SIGTERM if mode == "graceful" else signal.SIGQUIT)
+            handle.kill(signal.SIGTERM if mode == "graceful" else signal.SIGQUIT)
         self.ledger.close_all()
         if self.notifier is not None:
             self.notifier.stopping()
@@ -992,17 +703,51 @@ class Master:
                 log.warning(
                     "worker %d (pid %d) did not stop in time; killing it", handle.slot, handle.pid
                 )
-                self._kill(handle, signal.SIGKILL)
+                handle.kill(signal.SIGKILL)
             self.stop_deadline = time.monotonic() + 5.0
 
     def _stop_workers_now(self) -> None:
         """After a failed start: kill what was started and wait for it."""
         for handle in self.workers.values():
-            self._kill(handle, signal.SIGKILL)
+            handle.kill(signal.SIGKILL)
         for pid in list(self.workers):
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
             self.workers.pop(pid, None)
+
+    # -- what mpnet.reload asks of the master (ReloadHost) ------------------------------------
+
+    def start_checker(self, config: Config) -> Check:
+        self.shared.before_fork()
+        mpnet_log.flush()
+        check = start_check(config, float(config["boot_timeout"]), self._forget_in_checker)
+        self._register(check, selectors.EVENT_READ, "checker")
+        return check
+
+    def stop_watching(self, check: Check) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(check)
+
+    def adopt(self, config: Config, slots: int, generation: int) -> None:
+        mpnet_log.setup(config["log_level"], config["log_file"])
+        self.config, self.slots, self.generation = config, slots, generation
+
+    def retire_generation(self, generation: int, why: str) -> None:
+        for handle in list(self.workers.values()):
+            if handle.generation == generation and handle.active:
+                self._retire(handle, why)
+
+    def has_outdated(self) -> bool:
+        return any(self._outdated(h) for h in self.workers.values())
+
+    def notify_reloading(self) -> None:
+        if self.notifier is not None:
+            self.notifier.reloading()
+
+    def notify_ready(self, failure: str | None = None) -> None:
+        if self.notifier is not None:
+            line = self._status_line()
+            self.notifier.ready(line if failure is None else f"{line}; reload failed: {failure}")
 
     # -- control socket -----------------------------------------------------------------------
 
@@ -1031,32 +776,11 @@ class Master:
         return {"ok": False, "error": f"unknown command {command!r}"}
 
     def status(self) -> dict[str, Any]:
-        import psutil
-
         now = time.monotonic()
-        workers = []
-        for handle in sorted(self.workers.values(), key=lambda h: (h.slot, h.generation)):
-            cpu = rss = None
-            with contextlib.suppress(psutil.Error):
-                process = psutil.Process(handle.pid)
-                with process.oneshot():
-                    times = process.cpu_times()
-                    lifetime = max(now - handle.started, 1e-3)
-                    cpu = 100.0 * (times.user + times.system) / lifetime
-                    rss = process.memory_info().rss
-            workers.append(
-                {
-                    "slot": handle.slot,
-                    "pid": handle.pid,
-                    "generation": handle.generation,
-                    "state": handle.state,
-                    "connections": handle.connections,
-                    "served": handle.served,
-                    "cpu_percent": cpu,
-                    "rss": rss,
-                    "uptime": now - handle.started,
-                }
-            )
+        workers = [
+            h.status(now)
+            for h in sorted(self.workers.values(), key=lambda h: (h.slot, h.generation))
+        ]
         services = [
             {"name": name, "module": module, "endpoints": endpoints}
             for name, module, endpoints in self.ledger.services()
@@ -1066,9 +790,9 @@ class Master:
             "state": "stopping" if self.stop_mode else self.state,
             "generation": self.generation,
             "slots": self.slots,
-            "reloading": self.reloading,
-            "checking": self._reload is not None,
-            "reload_failed": self.reload_failed,
+            "reloading": self.reloads.replacing,
+            "checking": self.reloads.checking,
+            "reload_failed": self.reloads.failed,
             "uptime": time.time() - self.started_at,
             "config": self.config.path,
             "workers": workers,

@@ -32,9 +32,12 @@ import psutil
 import pytest
 from harness import Client, Server, config, run_mpnet, wait_for
 
+from mpnet.checker import Check
 from mpnet.control import ControlError
 from mpnet.control import request as control_request
 from mpnet.master import BACKOFF_MAX, Master
+from mpnet.portmanager import PortLedger
+from mpnet.reload import Reloads
 
 VERSION_MODULE = """\
 import os
@@ -764,6 +767,51 @@ def test_backoff_doubles_up_to_the_cap_and_resets_after_a_healthy_run():
     healthy = SimpleNamespace(slot=0, ready_at=time.monotonic() - 60)
     master._schedule_respawn(healthy)
     assert 0 not in master._backoff
+
+
+def test_checker_event_after_a_stop_in_the_same_pass_is_ignored():
+    """One select() can return a control client's ``stop`` and the checker's answer: the stop
+    kills the checker and closes its pipe, and the checker's event must then be ignored."""
+
+    class Host:  # the part of ReloadHost that a check and a stop use
+        def __init__(self, check: Check) -> None:
+            self.check = check
+
+        def start_checker(self, _config: object) -> Check:
+            return self.check
+
+        def stop_watching(self, _check: Check) -> None:
+            pass
+
+        def notify_reloading(self) -> None:
+            pass
+
+    class Waiter:
+        def __init__(self) -> None:
+            self.answers: list[dict] = []
+
+        def resolve(self, response: dict) -> None:
+            self.answers.append(response)
+
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    checker = subprocess.Popen(["sleep", "60"])  # stands in for the checker process
+    try:
+        reloads = Reloads(Host(Check(checker.pid, read_fd, 60.0)), PortLedger(), SimpleNamespace)
+        waiter = Waiter()
+        reloads.request(waiter, running=True)
+        assert reloads.checking
+        os.write(write_fd, b'{"ok": true, "services": []}')  # the checker answers...
+        reloads.cancel()  # ...but the stop was handled first in that pass
+        reloads.on_readable()
+        assert not reloads.checking
+        assert waiter.answers == [{"ok": False, "error": "stopping"}]
+        assert checker.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        os.close(write_fd)
+        if checker.poll() is None:
+            checker.kill()
+            checker.wait()
 
 
 HOG_MODULE = """\
