@@ -318,7 +318,10 @@ def print_status(status: dict[str, Any]) -> None:
         f"generation {status['generation']}, {status['slots']} worker slot(s), {status['state']}"
         + "".join(f"; {note}" for note in notes)
     )
-    header = ("slot", "pid", "gen", "state", "conns", "served", "cpu%", "rss", "uptime")
+    header = (
+        "slot", "pid", "gen", "state", "conns", "served", "refused", "tls-fail", "cpu%", "rss",
+        "uptime",
+    )  # fmt: skip
     rows = [header]
     for w in status["workers"]:
         rss = f"{w['rss'] / 1048576:.1f}M" if w.get("rss") is not None else "-"
@@ -331,6 +334,8 @@ def print_status(status: dict[str, Any]) -> None:
                 w["state"],
                 str(w["connections"]),
                 str(w["served"]),
+                str(w.get("refused", 0)),
+                str(w.get("tls_failures", 0)),
                 cpu,
                 rss,
                 _format_duration(w["uptime"]),

@@ -35,6 +35,8 @@ class WorkerHandle:
     last_heartbeat: float = 0.0
     connections: int = 0
     served: int = 0
+    refused: int = 0  # connections refused by a limit (max_connections, ..._per_ip)
+    tls_failures: int = 0  # failed or timed-out TLS handshakes
     boot_error: str | None = None
     recycle: bool = False  # to be replaced by a fresh worker (memory limit)
     accepting: bool = True  # False once it closed its listening sockets (when stopping)
@@ -57,6 +59,7 @@ class WorkerHandle:
         if kind == "heartbeat":
             self.last_heartbeat = time.monotonic()
             self.connections, self.served = int(message[1]), int(message[2])
+            self.refused, self.tls_failures = int(message[3]), int(message[4])
         elif kind == "ready":
             if self.state == "booting":
                 self.state = "ready"
@@ -96,6 +99,8 @@ class WorkerHandle:
             "state": self.state,
             "connections": self.connections,
             "served": self.served,
+            "refused": self.refused,
+            "tls_failures": self.tls_failures,
             "cpu_percent": cpu,
             "rss": rss,
             "uptime": now - self.started,

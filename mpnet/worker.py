@@ -272,7 +272,7 @@ class Worker:
 
     async def _heartbeat(self) -> None:
         while True:
-            self.send(["heartbeat", self.open_connections(), self.served()])
+            self.send(["heartbeat", self.open_connections(), self.served(), *self.refusals()])
             await asyncio.sleep(self._heartbeat_interval)
 
     # -- stopping -----------------------------------------------------------------------------
@@ -291,6 +291,14 @@ class Worker:
 
     def served(self) -> int:
         return sum(service.served for service in self.services.values())
+
+    def refusals(self) -> tuple[int, int]:
+        """Connections refused by a limit, and TLS handshakes that failed, since the start."""
+        services = self.services.values()
+        return (
+            sum(getattr(service, "refused", 0) for service in services),
+            sum(getattr(service, "handshake_failures", 0) for service in services),
+        )
 
     async def _shutdown(self, mode: str) -> None:
         for server in self.servers:

@@ -7,6 +7,7 @@ whatever the test's outcome.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -265,6 +266,13 @@ def run_mpnet(directory: Path, *args: str, timeout: float = 60) -> subprocess.Co
         stdin=subprocess.DEVNULL,
         start_new_session=True,
     )
+
+
+def worker_status(server: Server) -> list[dict[str, Any]]:
+    """The workers' rows of ``mpnet status --json`` (the CLI, through the control socket)."""
+    result = run_mpnet(server.directory, "status", "--json", "-c", str(server.config_path))
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["status"]["workers"]
 
 
 def config(modules: list[str], **keys: Any) -> str:

@@ -982,11 +982,13 @@ def test_status_stop_and_cli_errors(mpnet):
         lines = table.stdout.splitlines()
         assert re.match(rf"mpnet pid {server.pid}, up \d+s, generation 1, 2 worker slot", lines[0])
         assert lines[1].split() == [
-            "slot", "pid", "gen", "state", "conns", "served", "cpu%", "rss", "uptime",
+            "slot", "pid", "gen", "state", "conns", "served", "refused", "tls-fail", "cpu%",
+            "rss", "uptime",
         ]  # fmt: skip
         rows = [line.split() for line in lines[2:4]]
         assert {int(row[1]) for row in rows} == settled(server, 2)
-        assert all(row[3] == "ready" and row[7].endswith("M") for row in rows)
+        assert all(row[3] == "ready" and row[9].endswith("M") for row in rows)
+        assert all(row[6] == row[7] == "0" for row in rows)
         assert sorted(int(row[4]) for row in rows) == [0, 1]
         assert f"  echo (module echo) -> 127.0.0.1:{echo_port}" in lines
         assert f"  lastsaid (module lastsaid) -> 127.0.0.1:{lastsaid_port}" in lines
@@ -997,8 +999,8 @@ def test_status_stop_and_cli_errors(mpnet):
         assert data["pid"] == server.pid and data["slots"] == 2
         worker = data["workers"][0]
         assert set(worker) == {
-            "slot", "pid", "generation", "state", "connections", "served",
-            "cpu_percent", "rss", "uptime",
+            "slot", "pid", "generation", "state", "connections", "served", "refused",
+            "tls_failures", "cpu_percent", "rss", "uptime",
         }  # fmt: skip
         assert worker["rss"] > 1 << 20 and worker["cpu_percent"] >= 0
         assert {s["name"]: s["endpoints"] for s in data["services"]} == {

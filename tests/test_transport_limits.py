@@ -16,7 +16,7 @@ import time
 
 import psutil
 import pytest
-from harness import Client, config, wait_for
+from harness import Client, config, wait_for, worker_status
 
 # One module for most tests: greets, echoes, and obeys a few commands.
 TOOLS = """
@@ -306,6 +306,8 @@ def test_refusals_are_counted_and_logged_at_a_limited_rate(mpnet, write_module):
         server.wait_log(r"refused 19 connection\(s\) since the last report", timeout=5)
         assert time.monotonic() - started < 5
     assert server.log.count("refused") == 2
+    # ... and counted in `mpnet status` (the next heartbeat carries it).
+    wait_for(lambda: [w["refused"] for w in worker_status(server)] == [20], what="refused 20")
 
 
 def test_max_connections_per_ip_is_per_service(mpnet, write_module):

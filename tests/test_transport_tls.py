@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import uvloop
-from harness import Client, config, wait_for
+from harness import Client, config, wait_for, worker_status
 from test_transport_proxy import BioClient
 
 from mpnet.tls import ServerHandshake
@@ -293,6 +293,7 @@ def test_failed_handshake_is_logged_at_debug_level(mpnet, write_module, certs):
         plain.send(b"GET / HTTP/1.0\r\n\r\n")
         plain.read_to_eof()
     server.wait_log(rf"worker 0 \[mpnet\] debug: .*handshake.*:{local_port}\b", timeout=2)
+    wait_for(lambda: worker_status(server)[0]["tls_failures"] == 1, what="one TLS failure")
 
 
 def test_handshake_timeouts_are_logged_and_cost_the_others_nothing(mpnet, write_module, certs):
