@@ -224,13 +224,18 @@ class Server:
         os.kill(self.proc.pid, signum)
 
     def wait_exit(self, timeout: float = DEADLINE) -> int:
+        """Wait for the master to exit, then for its last log lines to be read (the reader
+        thread lags behind the process), so ``log`` is complete afterwards."""
         assert self.proc is not None
         try:
-            return self.proc.wait(timeout)
+            status = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             raise AssertionError(
                 f"mpnet did not exit within {timeout}s; log:\n{self.log}"
             ) from None
+        if self._reader is not None:
+            self._reader.join(10)  # EOF once no process of the tree holds the pipe
+        return status
 
     def stop(self) -> None:
         """Stop everything this server started, by PID; used in fixtures' teardown."""

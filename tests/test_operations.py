@@ -315,7 +315,7 @@ def test_slow_reload_check_does_not_kill_healthy_workers(mpnet, write_module, tm
     server.wait_log("reload complete: generation 2")
     settled(server, 2)
     for pid in pids:
-        assert f"(pid {pid}) stopped (exited with code 0)" in server.log
+        server.wait_log(re.escape(f"(pid {pid}) stopped (exited with code 0)"))
     assert "blocked" not in server.log and "killed" not in server.log
 
 
@@ -382,7 +382,7 @@ def test_master_serves_while_a_reload_is_checked_and_queues_more_reloads(
     assert "generation 4" not in server.log
     assert "blocked" not in server.log and "killed" not in server.log
     for pid in pids:
-        assert f"(pid {pid}) stopped (exited with code 0)" in server.log
+        server.wait_log(re.escape(f"(pid {pid}) stopped (exited with code 0)"))
 
 
 def test_reload_check_that_hangs_is_killed_after_boot_timeout(mpnet, write_module, tmp_path):

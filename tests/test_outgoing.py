@@ -187,6 +187,7 @@ def test_connect_refused_reports_the_reason(mpnet, write_module):
         control.send(f"{port} 5\n")
         line = control.read_until(b"\n").decode()
     assert line == f"closed connect to 127.0.0.1:{port} failed: Connection refused\n"
+    server.wait_log(r"out ondisconnect")  # the log is read in a thread: it may lag the reply
     assert "out onconnect" not in server.log
     assert server.log.count("out ondisconnect") == 1
 
