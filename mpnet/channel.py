@@ -128,7 +128,7 @@ def _ext_hook(code: int, data: bytes) -> int:
     return value
 
 
-def decode_payload(payload: bytes) -> Any:
+def decode_payload(payload: bytes | bytearray) -> Any:
     """Decode the payload of one frame (without its length prefix): exactly one plain value.
 
     Anything malformed raises ChannelError (and nothing else). msgpack's own limits bound the
@@ -179,7 +179,7 @@ class FrameDecoder:
             if end - pos - 4 < size:
                 break
             start = pos + 4
-            messages.append(decode_payload(bytes(buffer[start : start + size])))
+            messages.append(decode_payload(buffer[start : start + size]))
             pos = start + size
         if pos:
             del buffer[:pos]
@@ -317,6 +317,6 @@ class WorkerChannel(asyncio.Protocol):
 
     def flush(self) -> None:
         """Write what is queued now (also called by the loop at the end of a pass)."""
-        if self._pending and self.transport is not None:
-            self.transport.write(bytes(self._pending))
-        self._pending.clear()
+        data, self._pending = self._pending, bytearray()
+        if data and self.transport is not None:
+            self.transport.write(data)

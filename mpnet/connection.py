@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import iplimit
 from .proxyproto import ProxyHeaderParser, ProxyProtocolError
-from .tls import ServerHandshake
+from .tls import ServerHandshake, handshake_failed
 
 if TYPE_CHECKING:
     from .module import Provider
@@ -138,15 +138,8 @@ class Service:
         )
 
     def handshake_failed(self, conn: Connection, exc: BaseException) -> None:
-        """A direct-TLS handshake failed or timed out: the peer's business, so debug level;
-        the module never hears of the connection."""
-        self.handshake_failures += 1
-        log.debug(
-            "service %s: TLS handshake failed for connection from %s: %s",
-            self.name,
-            conn.describe_peer(),
-            str(exc) or type(exc).__name__,
-        )
+        """A direct-TLS handshake failed or timed out: the module never hears of it."""
+        handshake_failed(self, conn.describe_peer(), exc)
 
     # -- limits ---------------------------------------------------------------------------------
 
@@ -273,13 +266,19 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
-        service = self._service
+        self._admit(self._service, transport)
+
+    def _admit(self, service: Service, transport: asyncio.BaseTransport) -> bool:
+        """Start the connection for the module, or refuse it (a limit is reached): a refused
+        one is never seen by the module (no onconnect, no ondisconnect)."""
         why = service.admit(self)
         if why is not None:
-            self._closed = True  # never seen by the module: no onconnect, no ondisconnect
-            service.refuse(self, transport, why)
-            return
+            self._closed = True
+            self._backlog = None
+            service.refuse(self, transport, why)  # type: ignore[arg-type]
+            return False
         self._start(service)
+        return True
 
     def _start(self, service: Service) -> None:
         service.opened(self)
@@ -438,13 +437,8 @@ class Connection(asyncio.Protocol):
                 self._transport.abort()
             return
         self._transport = task.result()
-        why = service.admit(self)
-        if why is not None:
-            self._closed = True
-            self._backlog = None
-            service.refuse(self, self._transport, why)
+        if not self._admit(service, self._transport):
             return
-        self._start(service)
         backlog = self._backlog
         while backlog and self._pending is None:
             self._event(*backlog.popleft())
@@ -642,7 +636,21 @@ class Connection(asyncio.Protocol):
         return f"<mpnet connection {self.id} {self.describe_peer()} service={self._service.name}>"
 
 
-class TLSConnection(Connection):
+class _HandshakeFirst(Connection):
+    """Bytes and a loss during mpnet's server handshake belong to it, not to the module; the
+    class after this one in the MRO (plain or PROXY) handles them otherwise."""
+
+    def data_received(self, data: bytes) -> None:
+        handshake = self._handshake
+        if handshake is None or not handshake.early(data):
+            super().data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._lost_in_handshake(exc):
+            super().connection_lost(exc)
+
+
+class TLSConnection(_HandshakeFirst):
     """A direct-TLS connection (``encryption = "ssl"``): accepted in the clear, then mpnet runs
     the server handshake (:class:`mpnet.tls.ServerHandshake`). ``onconnect`` runs once it has
     succeeded; a handshake that fails or times out (``ssl_handshake_timeout``) is logged at
@@ -651,15 +659,6 @@ class TLSConnection(Connection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
         self._begin_tls(b"", self._service.settings.ssl_handshake_timeout or None)
-
-    def data_received(self, data: bytes) -> None:
-        handshake = self._handshake
-        if handshake is None or not handshake.early(data):
-            Connection.data_received(self, data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self._lost_in_handshake(exc):
-            Connection.connection_lost(self, exc)
 
 
 class ProxiedConnection(Connection):
@@ -699,14 +698,7 @@ class ProxiedConnection(Connection):
     def _header_done(self, remaining: bytes) -> None:
         """The header is parsed: the module sees the connection now (*remaining*: the bytes
         that followed the header in the same read)."""
-        service = self._service
-        why = service.admit(self)
-        if why is not None:
-            self._closed = True
-            service.refuse(self, self._transport, why)  # type: ignore[arg-type]
-            return
-        self._start(service)
-        if remaining and not self._closed:
+        if self._admit(self._service, self._transport) and remaining and not self._closed:
             self.data_received(remaining)
 
     def _proxy_failed(self, reason: str) -> None:
@@ -730,7 +722,7 @@ class ProxiedConnection(Connection):
         return self._proxy_peer
 
 
-class ProxiedTLSConnection(ProxiedConnection):
+class ProxiedTLSConnection(_HandshakeFirst, ProxiedConnection):
     """A PROXY header, then a direct-TLS handshake (a TLS service behind a load balancer).
 
     What followed the header in the same read is the start of the ClientHello: it goes to the
@@ -741,15 +733,6 @@ class ProxiedTLSConnection(ProxiedConnection):
         if timeout:
             timeout = round(max(timeout - (time.monotonic() - self._accepted_at), 0.001), 3)
         self._begin_tls(remaining, timeout or None)
-
-    def data_received(self, data: bytes) -> None:
-        handshake = self._handshake
-        if handshake is None or not handshake.early(data):
-            ProxiedConnection.data_received(self, data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self._lost_in_handshake(exc):
-            ProxiedConnection.connection_lost(self, exc)
 
 
 class OutgoingConnection(Connection):

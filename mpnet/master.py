@@ -392,8 +392,7 @@ class Master:
         # transport): the reopened log file takes a datagram pair of its own.
         log_parent, log_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         sockets = self.ledger.slot_sockets(slot)
-        self.shared.before_fork()
-        mpnet_log.flush()
+        self._before_fork()
         ip_row = self.ip_counts.acquire()
         pid = os.fork()
         if pid == 0:  # the child: drop everything of the master's, then become the worker
@@ -456,6 +455,12 @@ class Master:
             if id(sock) not in keep:
                 sock.close()
         self.shared.forget_in_child()
+
+    def _before_fork(self) -> None:
+        """What a fork (worker or checker) must not inherit half-done: buffered journal bytes
+        and log lines the child would write a second time."""
+        self.shared.before_fork()
+        mpnet_log.flush()
 
     def _forget_in_checker(self) -> None:
         """In a reload's checker: keep none of the master's sockets (a port released while it
@@ -718,8 +723,7 @@ class Master:
     # -- what mpnet.reload asks of the master (ReloadHost) ------------------------------------
 
     def start_checker(self, config: Config) -> Check:
-        self.shared.before_fork()
-        mpnet_log.flush()
+        self._before_fork()
         check = start_check(config, float(config["boot_timeout"]), self._forget_in_checker)
         self._register(check, selectors.EVENT_READ, "checker")
         return check

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .tls import ServerHandshake
+from .tls import ServerHandshake, handshake_failed
 
 if TYPE_CHECKING:
     from .connection import Service
@@ -103,14 +103,8 @@ class Sniffer(asyncio.Protocol):
         exc = asyncio.CancelledError() if task.cancelled() else task.exception()
         if exc is not None:
             self.owner.waiting.discard(self)
-            self.owner.handshake_failures += 1
             peer = self.transport.get_extra_info("peername") if self.transport else None
-            log.debug(
-                "service %s: TLS handshake failed for connection from %s: %s",
-                self.owner.name,
-                peer,
-                str(exc) or type(exc).__name__,
-            )
+            handshake_failed(self.owner, peer, exc)
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.abort()
             return

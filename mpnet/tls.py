@@ -13,10 +13,13 @@ handshake is mpnet's to log and count rather than the event loop's.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from typing import Any
 
 from .config import Config, ConfigError
+
+log = logging.getLogger("mpnet.tls")
 
 SSL_KEYS = {"certificate", "key", "password", "ciphers", "alpn"}
 
@@ -76,6 +79,18 @@ def _path(
     if not path.is_file():
         raise ConfigError(f"{where}: {name} file {str(path)!r} not found")
     return str(path)
+
+
+def handshake_failed(owner: Any, peer: object, exc: BaseException) -> None:
+    """Count and log a server handshake that failed or timed out on *owner*'s port (a service,
+    or the multiplexer): the peer's business, so debug level; no module hears of it."""
+    owner.handshake_failures += 1
+    log.debug(
+        "service %s: TLS handshake failed for connection from %s: %s",
+        owner.name,
+        peer,
+        str(exc) or type(exc).__name__,
+    )
 
 
 class ServerHandshake:
