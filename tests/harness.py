@@ -131,14 +131,17 @@ class Server:
         self._reader: threading.Thread | None = None
         self.known_pids: set[int] = set()
 
-    def start(self, *extra: str, command: str = "serve", wait_ready: bool = True) -> Server:
+    def argv(self, command: str, extra: tuple[str, ...]) -> list[str]:
+        """The command line ``start`` runs (a subclass may wrap it in another program)."""
         argv = [sys.executable, "-m", "mpnet", command]
         if self.config_path.exists():
             argv += ["-c", str(self.config_path)]
-        argv += self.args + list(extra)
+        return argv + self.args + list(extra)
+
+    def start(self, *extra: str, command: str = "serve", wait_ready: bool = True) -> Server:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(self.env or {}))
         self.proc = subprocess.Popen(
-            argv,
+            self.argv(command, extra),
             cwd=self.directory,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -271,6 +274,18 @@ def run_mpnet(directory: Path, *args: str, timeout: float = 60) -> subprocess.Co
         stdin=subprocess.DEVNULL,
         start_new_session=True,
     )
+
+
+PID_MODULE = """\
+import os
+class listener:
+    def onconnect(conn):
+        conn.write(f"{os.getpid()}\\n")
+    def onincoming(conn, data):
+        conn.write(data)
+module.provides("net", listener=listener, default_port=0)
+"""
+"""A service module that greets with its worker's pid, then echoes."""
 
 
 def worker_status(server: Server) -> list[dict[str, Any]]:

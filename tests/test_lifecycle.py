@@ -9,17 +9,7 @@ import threading
 import time
 
 import psutil
-from harness import Client, config, wait_for
-
-PID_MODULE = """
-import os
-class listener:
-    def onconnect(conn):
-        conn.write(f"{os.getpid()}\\n")
-    def onincoming(conn, data):
-        conn.write(data)
-module.provides("net", listener=listener, default_port=0)
-"""
+from harness import PID_MODULE, Client, config, wait_for
 
 
 def _pid_of_server(port: int) -> int:

@@ -14,8 +14,6 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -24,7 +22,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from harness import Client, Server, config, free_port, run_mpnet, wait_for
+from harness import PID_MODULE, Client, Server, config, free_port, run_mpnet, wait_for
 from test_operations import (
     as_nobody,
     client_request,
@@ -232,17 +230,6 @@ def test_reload_whose_workers_fail_to_start_reports_ready_and_keeps_serving(
 
 # -- socket activation --------------------------------------------------------------------------
 
-PID_MODULE = """\
-import itertools
-import os
-class listener:
-    def onconnect(conn):
-        conn.write(f"{os.getpid()}\\n")
-    def onincoming(conn, data):
-        conn.write(data)
-module.provides("net", listener=listener, default_port=0)
-"""
-
 
 class ActivatedServer(Server):
     """``systemd-socket-activate -l ADDR mpnet serve``: it binds, and execs mpnet in its own
@@ -252,21 +239,11 @@ class ActivatedServer(Server):
         super().__init__(directory, config_text)
         self.activator = activator
 
+    def argv(self, command: str, extra: tuple[str, ...]) -> list[str]:
+        return [*self.activator, *super().argv(command, extra)]
+
     def start(self, *extra: str, command: str = "serve", wait_ready: bool = False) -> Server:
-        argv = [*self.activator, sys.executable, "-m", "mpnet", command]
-        argv += ["-c", str(self.config_path), *extra]
-        self.proc = subprocess.Popen(
-            argv,
-            cwd=self.directory,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-            start_new_session=True,
-        )
-        self.known_pids.add(self.proc.pid)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        super().start(*extra, command=command, wait_ready=False)
         self.wait_log(r"Listening on 127\.0\.0\.1:\d+ as 3")
         return self
 
