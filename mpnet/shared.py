@@ -285,7 +285,8 @@ class SharedState:
     """A worker's replicas of the shared tables, plus broadcasts and pending atomic requests."""
 
     def __init__(self, send: Callable[[Any], None], tables: dict[str, dict[Any, Any]]) -> None:
-        self._send = send
+        self._channel_send = send
+        self._lost: str | None = None  # why the channel to the master is gone, once it is
         self._pid = os.getpid()
         self._initial = tables
         self._tables: dict[str, SharedTable] = {}
@@ -312,6 +313,13 @@ class SharedState:
     def hook(self, topic: str, handler: Callable[[Any], Any], owner: str = "") -> None:
         self._hooks.setdefault(topic, []).append((handler, owner))
 
+    def _send(self, message: list[Any]) -> None:
+        """Send to the master, or raise :class:`SharedError` once the channel is gone: a write
+        or request nobody will ever order or answer must fail at the call, not hang or vanish."""
+        if self._lost is not None:
+            raise SharedError(self._lost)
+        self._channel_send(message)
+
     def _atomic(self, table: str, op: str, args: list[Any]) -> asyncio.Future[Any]:
         """Send an atomic request now; return the future its answer resolves."""
         _check_key(args[0])
@@ -323,11 +331,13 @@ class SharedState:
 
     def fail_pending(self, reason: str) -> None:
         """Fail every unanswered atomic request (the channel to the master is gone, so no answer
-        will come); the worker calls this when it loses its channel."""
+        will come), and every shared operation after it at its call; the worker calls this when
+        it loses its channel."""
+        self._lost = f"shared state unavailable: {reason}"
         requests, self._requests = self._requests, {}
         for future in requests.values():
             if not future.done():
-                future.set_exception(SharedError(reason))
+                future.set_exception(SharedError(self._lost))
 
     def message_handlers(self) -> dict[str, Callable[[list[Any]], None]]:
         return {"sa": self._on_write, "sr": self._on_result, "be": self._on_broadcast}

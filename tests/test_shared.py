@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import threading
+import time
 import zlib
 from pathlib import Path
 from types import SimpleNamespace
@@ -890,6 +891,14 @@ def test_atomics_are_sent_at_the_call_and_fail_when_the_channel_is_lost():
         state.fail_pending("channel lost")
         with pytest.raises(SharedError, match="channel lost"):
             await future
+        sent.clear()
+        with pytest.raises(SharedError, match="channel lost"):
+            table.incr("k")  # started after the loss: fails at the call, never hangs
+        with pytest.raises(SharedError, match="channel lost"):
+            table["k"] = 6  # nobody would order it: not applied, not silently dropped
+        with pytest.raises(SharedError, match="channel lost"):
+            state.broadcast("topic", 1)
+        assert table["k"] == 5 and sent == []
 
     asyncio.run(scenario())
 
@@ -904,3 +913,29 @@ def test_atomics_in_flight_fail_at_once_when_the_master_dies(probe_server):
         os.kill(server.pid, signal.SIGKILL)  # ...and then the channel is gone
         answer = json.loads(probe.read_until(b"\n", timeout=3))
     assert "SharedError" in answer.get("error", "")
+
+
+def test_shared_operations_after_the_master_died_fail_at_once(probe_server):
+    server, port = probe_server(workers=1, graceful_timeout=20)
+    with Probe(port) as probe:
+        assert probe.call("incr", "t", "n", 1) == 1
+        (worker,) = server.worker_pids()  # remembered, so the fixture stops the orphan by PID
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait_log(r"worker 0 \[mpnet\] error: channel to master closed .*; stopping")
+        started = time.monotonic()
+        with pytest.raises(AssertionError, match="SharedError: shared state unavailable"):
+            probe.call("incr", "t", "n", 1, timeout=5)
+        with pytest.raises(AssertionError, match="SharedError: shared state unavailable"):
+            probe.call("set", "t", "k", 1, timeout=5)
+        assert time.monotonic() - started < 5
+        # The orphan no longer accepts: a new client is refused or closed unserved.
+        wait_for(lambda: not _serves_a_new_client(port), what="the orphan to stop accepting")
+
+
+def _serves_a_new_client(port: int) -> bool:
+    try:
+        with Probe(port) as probe:
+            probe.call("pid", timeout=2)
+        return True
+    except (OSError, AssertionError, ValueError, TimeoutError):
+        return False
