@@ -919,7 +919,7 @@ def test_shared_operations_after_the_master_died_fail_at_once(probe_server):
     server, port = probe_server(workers=1, graceful_timeout=20)
     with Probe(port) as probe:
         assert probe.call("incr", "t", "n", 1) == 1
-        (worker,) = server.worker_pids()  # remembered, so the fixture stops the orphan by PID
+        server.worker_pids()  # remembered, so the fixture stops the orphan by PID
         os.kill(server.pid, signal.SIGKILL)
         server.wait_log(r"worker 0 \[mpnet\] error: channel to master closed .*; stopping")
         started = time.monotonic()
