@@ -266,7 +266,7 @@ class RedisServer:
 
 def local_reads(keys: int = 1000, number: int = 200_000, repeat: int = 5) -> dict[str, float]:
     """ns per read: a shared table's replica against a plain dict with the same content."""
-    from mpnet.shared import SharedState
+    from mpnet.workers.shared import SharedState
 
     content = {f"key{i}": i for i in range(keys)}
     table = SharedState(lambda message: None, {"t": dict(content)}).table("t")

@@ -12,23 +12,52 @@ A service module is a Python file that mpnet loads with a ``module`` global in i
     module.provides("net", {"default_port": 5432, "listener": listener})
 
 For editors and type checkers, annotate the injected name: ``module: mpnet.Module``.
+
+The public names are imported on first use, so that ``import mpnet.pure.resp`` (or the master's
+own modules) does not pull in the worker runtime.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from .config import ConfigError
-from .connection import Connection
-from .module import Module, ModuleError
-from .shared import SharedError, SharedTable
+_PUBLIC = {
+    "ConfigError": "mpnet.pure.config",
+    "Connection": "mpnet.workers.connection",
+    "Listener": "mpnet.workers.provider",
+    "Module": "mpnet.workers.module",
+    "ModuleError": "mpnet.workers.provider",
+    "SharedError": "mpnet.pure.replica",
+    "SharedTable": "mpnet.workers.shared",
+}
+
+if TYPE_CHECKING:
+    from .pure.config import ConfigError
+    from .pure.replica import SharedError
+    from .workers.connection import Connection
+    from .workers.module import Module
+    from .workers.provider import Listener, ModuleError
+    from .workers.shared import SharedTable
 
 __all__ = [
     "ConfigError",
     "Connection",
+    "Listener",
     "Module",
     "ModuleError",
     "SharedError",
     "SharedTable",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mpnet' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -20,8 +20,11 @@ from collections.abc import Callable
 from typing import Any
 
 from . import log as mpnet_log
-from .config import Config, ConfigError
-from .module import ModuleError, load_modules
+from .privileges import become_service_user
+from .pure.config import Config, ConfigError
+from .workers.module import load_modules
+from .workers.provider import ModuleError
+from .workers.tls import tls_contexts
 
 
 class CheckFailed(Exception):
@@ -34,11 +37,7 @@ def _child(config: Config, write_fd: int) -> None:
         signal.signal(signum, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
     try:
-        from .worker import drop_privileges
-
-        loaded = load_modules(config, before_run=lambda: drop_privileges(config))
-        from .worker import tls_contexts
-
+        loaded = load_modules(config, before_run=lambda: become_service_user(config))
         tls_contexts(config, loaded)  # a missing or broken certificate fails here, early
         result: dict[str, Any] = {
             "ok": True,

@@ -12,11 +12,11 @@ import os
 import sys
 from typing import Any
 
-from . import __version__
+from . import __version__, controlclient
 from . import log as mpnet_log
 from .checker import CheckFailed, check_modules
-from .config import Config, ConfigError, load_config, with_overrides
 from .portmanager import PortConflict, PortLedger, plan_services
+from .pure.config import Config, ConfigError, load_config, with_overrides
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -25,8 +25,8 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .fdlimit import raise_fd_limit
     from .master import Master
-    from .worker import raise_fd_limit
 
     config = _load(args)
     mpnet_log.setup(args.log_level or config["log_level"], config["log_file"], role="master")
@@ -39,7 +39,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _attach_systemd(master: Any) -> None:
     """Use the notify protocol and socket activation when systemd set them up."""
     try:
-        from . import systemd
+        from mpnet import systemd
     except ImportError:
         return
     notifier = systemd.Notifier.from_environ()
@@ -105,12 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.set_defaults(func=cmd_check)
 
-    try:
-        from . import control
-    except ImportError:
-        pass
-    else:
-        control.add_commands(commands)
+    controlclient.add_commands(commands)
     return parser
 
 

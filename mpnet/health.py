@@ -16,8 +16,8 @@ import signal
 import time
 from collections.abc import Iterable, Sequence
 
-from .config import Config
 from .handle import WorkerHandle
+from .pure.config import Config
 
 log = logging.getLogger("mpnet.health")
 

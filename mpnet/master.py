@@ -31,17 +31,20 @@ from pathlib import Path
 from typing import Any
 
 from . import log as mpnet_log
-from .channel import ChannelError, MasterChannel
+from .channel import MasterChannel
 from .checker import Check, CheckFailed, check_modules, start_check
-from .config import Config, ConfigError
 from .control import ControlServer, Deferred, default_socket_path, service_uids
 from .handle import WorkerHandle, describe_exit
 from .health import Health
 from .iplimit import IPCountTable
-from .portmanager import PortConflict, PortLedger, ServicePlan, plan_services
+from .journal import StateFileError
+from .portmanager import PortConflict, PortLedger, plan_services
+from .pure.config import Config, ConfigError
+from .pure.frames import ChannelError
+from .pure.portplan import ServicePlan
 from .reload import Reloads
-from .shared import SharedMaster, StateFileError
-from .worker import EXIT_BOOT_ERROR, Worker, uvloop, worker_process
+from .shared import SharedMaster
+from .workers.worker import EXIT_BOOT_ERROR, Worker, uvloop, worker_process
 
 log = logging.getLogger("mpnet.master")
 

@@ -1,67 +1,45 @@
 """The port ledger: which service gets which endpoint, conflicts, and the listening sockets.
 
 Like Prosody's ``core/portmanager.lua`` this is the one place that knows about ports, but it runs in
-the master only and checks centrally. Planning (:func:`plan_services`, :func:`find_conflicts`) is
-pure; :class:`PortLedger` owns the sockets: one ``SO_REUSEPORT`` socket per endpoint per worker
-slot, kept open for the life of the service so a replacement worker accepts on the very socket its
+the master only and checks centrally. Planning is pure (:mod:`mpnet.pure.portplan`);
+:class:`PortLedger` owns the sockets: one ``SO_REUSEPORT`` socket per endpoint per worker slot,
+kept open for the life of the service so a replacement worker accepts on the very socket its
 predecessor used and connections queued in the kernel are never reset.
 """
 
 from __future__ import annotations
 
 import errno
-import ipaddress
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import Config, ConfigError
+from .pure.config import Config
+from .pure.portplan import (
+    Endpoint,
+    ServicePlan,
+    find_conflicts,
+    format_address,
+    literal_host,
+    plan_endpoints,
+)
 
 
 class PortConflict(Exception):
     """An endpoint that cannot be had, with a message naming it, the claimants and the fix."""
 
 
-@dataclass(frozen=True, order=True)
-class Endpoint:
-    """A listening address as configured (``port`` 0 means "any free port, chosen at bind")."""
-
-    host: str  # normalised: "0.0.0.0", "::", or a literal address
-    port: int
-
-    @property
-    def family(self) -> int:
-        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
-
-    @property
-    def wildcard(self) -> bool:
-        return self.host in ("0.0.0.0", "::")
-
-    def overlaps(self, other: Endpoint) -> bool:
-        """Would both endpoints receive the same connections? (``*`` covers every address.)"""
-        if self.port != other.port or self.port == 0 or self.family != other.family:
-            return False
-        return self.host == other.host or self.wildcard or other.wildcard
-
-    def __str__(self) -> str:
-        return format_address(self.host, self.port)
-
-
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def family(endpoint: Endpoint) -> socket.AddressFamily:
+    return socket.AF_INET6 if endpoint.ipv6 else socket.AF_INET
 
 
 def normalise_host(host: str) -> str:
-    """``*`` → ``0.0.0.0``; ``localhost`` → ``127.0.0.1``; literal addresses in canonical form."""
-    if host == "*":
-        return "0.0.0.0"
-    if host == "localhost":
-        return "127.0.0.1"
-    try:
-        return str(ipaddress.ip_address(host.strip("[]")))
-    except ValueError:
-        pass
+    """A configured interface as a canonical address: literals as :func:`literal_host` says,
+    names resolved (the first address ``getaddrinfo`` gives)."""
+    literal = literal_host(host)
+    if literal is not None:
+        return literal
     try:
         info = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
@@ -69,71 +47,9 @@ def normalise_host(host: str) -> str:
     return str(info[0][4][0])
 
 
-@dataclass
-class ServicePlan:
-    """Where one service listens, and which config key decided it (for error messages)."""
-
-    service: str
-    module: str
-    endpoints: list[Endpoint]
-    ports_key: str
-    interfaces_key: str
-    info: dict[str, Any] = field(default_factory=dict)
-
-
 def plan_services(config: Config, services: Iterable[dict[str, Any]]) -> list[ServicePlan]:
-    """Turn the providers' declarations (plain data from the checker) into endpoint plans,
-    applying ``<service>_ports`` / ``<service>_interfaces`` / ``interfaces`` from the config."""
-    plans = []
-    for info in services:
-        name = info["name"]
-        if config.service_key_is_set(name, "ports"):
-            ports, ports_key = config.service_options[name]["ports"], f"{name}_ports"
-        else:
-            ports, ports_key = info["default_ports"], f"{name}_ports"
-        if not ports and info.get("optional"):
-            continue  # a framework service (multiplex) that the config does not ask for
-        if not ports:
-            raise ConfigError(
-                f"{config.path}: service {name!r} (module {info['module']!r}) has no default "
-                f"port; set {name}_ports"
-            )
-        if config.service_key_is_set(name, "interfaces"):
-            interfaces_key = f"{name}_interfaces"
-        else:
-            interfaces_key = "interfaces"
-        interfaces = config.service_option(name, "interfaces")
-        endpoints = []
-        for host in interfaces:
-            try:
-                normal = normalise_host(host)
-            except ValueError as exc:
-                raise ConfigError(f"{config.path}: key {interfaces_key!r}: {exc}") from None
-            for port in ports:
-                endpoint = Endpoint(normal, port)
-                if endpoint not in endpoints:
-                    endpoints.append(endpoint)
-        plans.append(
-            ServicePlan(name, info["module"], endpoints, ports_key, interfaces_key, dict(info))
-        )
-    return plans
-
-
-def find_conflicts(plans: list[ServicePlan]) -> list[str]:
-    """Every pair of services whose endpoints overlap (Prosody compares strings only; this
-    also catches ``*`` against a specific address on the same port)."""
-    problems = []
-    for index, first in enumerate(plans):
-        for second in plans[index + 1 :]:
-            for a in first.endpoints:
-                for b in second.endpoints:
-                    if a.overlaps(b):
-                        problems.append(
-                            f"port conflict on {b}: services {first.service!r} ({a}) and "
-                            f"{second.service!r} ({b}) both want it; change {second.ports_key} "
-                            f"or {second.interfaces_key} in the config"
-                        )
-    return problems
+    """:func:`~mpnet.pure.portplan.plan_endpoints` with names resolved by the system."""
+    return plan_endpoints(config, services, normalise_host)
 
 
 def describe_holder(endpoint: Endpoint) -> str | None:
@@ -167,12 +83,12 @@ def describe_holder(endpoint: Endpoint) -> str | None:
 
 
 def _new_socket(endpoint: Endpoint, reuse_port: bool) -> socket.socket:
-    sock = socket.socket(endpoint.family, socket.SOCK_STREAM)
+    sock = socket.socket(family(endpoint), socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if endpoint.family == socket.AF_INET6:
+        if endpoint.ipv6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     except OSError:
         sock.close()

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .checker import Check, CheckFailed
-from .config import Config, ConfigError
 from .control import Deferred
-from .portmanager import PortConflict, PortLedger, ServicePlan, plan_services
+from .portmanager import PortConflict, PortLedger, plan_services
+from .pure.config import Config, ConfigError
+from .pure.portplan import ServicePlan
 
 log = logging.getLogger("mpnet.reload")
 

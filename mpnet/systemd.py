@@ -1,6 +1,6 @@
 """systemd integration for the mpnet master process, without libsystemd.
 
-Three independent pieces, all used by the master only:
+Two independent pieces, used by the master:
 
 * :class:`Notifier` speaks the ``sd_notify`` protocol: one ``KEY=value``
   datagram per state change to the ``AF_UNIX`` socket named by
@@ -9,9 +9,6 @@ Three independent pieces, all used by the master only:
 * :func:`listen_fds` implements ``sd_listen_fds`` / ``sd_listen_fds_with_names``
   for socket activation: the listening sockets systemd (or
   ``systemd-socket-activate``) bound for us arrive as fds 3, 4, ...
-* :func:`drop_privileges` switches a master started as root to an
-  unprivileged account after it has bound its sockets.  Under the shipped unit
-  (``DynamicUser=yes``) systemd does this instead and the call is not needed.
 
 Everything here targets Linux (abstract sockets, systemd) but imports on any Unix and
 degrades to no-ops elsewhere: a :class:`Notifier` without ``$NOTIFY_SOCKET`` is
@@ -20,12 +17,9 @@ disabled and :func:`listen_fds` without ``$LISTEN_PID`` returns ``[]``.
 
 from __future__ import annotations
 
-import errno
-import grp
 import ipaddress
 import logging
 import os
-import pwd
 import re
 import socket
 import stat
@@ -39,10 +33,8 @@ __all__ = [
     "ActivatedSocket",
     "HostPort",
     "Notifier",
-    "drop_privileges",
     "listen_fds",
     "match_endpoint",
-    "running_as_root",
 ]
 
 logger = logging.getLogger(__name__)
@@ -477,62 +469,3 @@ def _normalize_host(host: str) -> str:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return str(address)
-
-
-# --------------------------------------------------------------------------
-# Privileges
-# --------------------------------------------------------------------------
-
-
-def running_as_root() -> bool:
-    """True when the effective user is root, i.e. privileges could be dropped."""
-    return os.geteuid() == 0
-
-
-def drop_privileges(user: str, group: str | None = None) -> None:
-    """Switch the whole process to ``user`` (and ``group``, default: its primary group).
-
-    For a master started as root without systemd's help: bind the sockets
-    first (ports < 1024 need root or CAP_NET_BIND_SERVICE), then call this
-    before forking workers.  The order matters: supplementary groups
-    (``initgroups``) and the group need root, so they come before ``setuid``.
-    Real, effective and saved IDs all change, so root cannot be regained;
-    that is checked.
-
-    If the process already runs as that user and group (systemd applied
-    ``User=``/``DynamicUser=``), this does nothing.  Raises ``LookupError``
-    naming the account when the user or group does not exist, and
-    ``PermissionError`` when a switch is needed but we are not root.
-    """
-    try:
-        pw = pwd.getpwnam(user)
-    except KeyError:
-        raise LookupError(f"cannot drop privileges: no such user {user!r}") from None
-    if group is None:
-        gid = pw.pw_gid
-    else:
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise LookupError(f"cannot drop privileges: no such group {group!r}") from None
-    uid = pw.pw_uid
-
-    if os.getresuid() == (uid, uid, uid) and os.getresgid() == (gid, gid, gid):
-        return
-    if not running_as_root():
-        raise PermissionError(
-            errno.EPERM,
-            f"cannot switch to user {user!r} (uid {uid}, gid {gid}): "
-            f"running as uid {os.geteuid()}, not root",
-        )
-    os.initgroups(user, gid)
-    os.setresgid(gid, gid, gid)
-    os.setresuid(uid, uid, uid)
-    if uid != 0:
-        try:
-            os.setuid(0)
-        except PermissionError:
-            pass
-        else:
-            raise RuntimeError("drop_privileges: root privileges could be regained")
-    logger.info("dropped privileges to user %s (uid %d, gid %d)", user, uid, gid)

@@ -1,4 +1,5 @@
-"""Tests for mpnet.channel: the pure frame codec and the master's non-blocking transport.
+"""Tests for mpnet.pure.frames and mpnet.channel: the pure frame codec and the master's
+non-blocking transport.
 
 The codec's promises: every plain value survives a round trip with its exact type (tuples become
 lists); the messages decoded from a stream depend only on its bytes, never on how they were split;
@@ -20,16 +21,9 @@ from typing import Any
 
 import pytest
 
-from mpnet.channel import (
-    MAX_DEPTH,
-    MAX_FRAME,
-    ChannelError,
-    FrameDecoder,
-    MasterChannel,
-    check_plain,
-    decode_payload,
-    encode,
-)
+from mpnet.channel import MasterChannel
+from mpnet.pure.frames import MAX_FRAME, ChannelError, FrameDecoder, decode_payload, encode
+from mpnet.pure.values import MAX_DEPTH, check_plain
 
 LEN = struct.Struct(">I")
 

@@ -1,4 +1,4 @@
-"""Tests for mpnet.config: parsing, validation, defaults, per-service keys and error messages.
+"""Tests for mpnet.pure.config: parsing, validation, defaults, per-service keys and error messages.
 
 Every error must be one line that names the file and the key, fit to be all a user sees.
 """
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mpnet.config import (
+from mpnet.pure.config import (
     GLOBAL_KEYS,
     SERVICE_ONLY_KEYS,
     Config,

@@ -1,5 +1,5 @@
-"""Tests for mpnet.module: the forms a listener may take, ``module.provides``, options, and the
-loader's error messages (module files are written into tmp_path and loaded for real)."""
+"""Tests for mpnet.workers.module: the forms a listener may take, ``module.provides``, options,
+and the loader's error messages (module files are written into tmp_path and loaded for real)."""
 
 from __future__ import annotations
 
@@ -12,17 +12,10 @@ from typing import Any
 
 import pytest
 
-from mpnet.channel import check_plain
-from mpnet.config import Config, ConfigError, parse_config
-from mpnet.module import (
-    CALLBACK_NAMES,
-    LoadedModules,
-    Module,
-    ModuleError,
-    bundled_dir,
-    listener_callbacks,
-    load_modules,
-)
+from mpnet.pure.config import Config, ConfigError, parse_config
+from mpnet.pure.values import check_plain
+from mpnet.workers.module import LoadedModules, Module, bundled_dir, load_modules
+from mpnet.workers.provider import CALLBACK_NAMES, ModuleError, listener_callbacks
 
 # -- listener_callbacks --------------------------------------------------------------------------
 

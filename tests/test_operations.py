@@ -33,8 +33,8 @@ import pytest
 from harness import Client, Server, config, run_mpnet, wait_for
 
 from mpnet.checker import Check
-from mpnet.control import ControlError
-from mpnet.control import request as control_request
+from mpnet.controlclient import ControlError
+from mpnet.controlclient import request as control_request
 from mpnet.master import BACKOFF_MAX, Master
 from mpnet.portmanager import PortLedger
 from mpnet.reload import Reloads
@@ -495,7 +495,7 @@ import json, os, signal, socket, subprocess, sys, threading, time
 sys.path.insert(0, {tests!r})
 from pathlib import Path
 from harness import Server, config, wait_for
-from mpnet.control import request
+from mpnet.controlclient import request
 
 subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 Path("/proc/sys/net/ipv4/tcp_migrate_req").write_text("1")
@@ -915,7 +915,7 @@ def raw_request(path: Path) -> Callable[[], str]:
 
 
 def client_request(path: Path) -> Callable[[], str]:
-    """What ``mpnet status`` does (mpnet.control.request), as the refused user would run it."""
+    """What ``mpnet status`` does (``controlclient.request``), as the refused user would run it."""
 
     def action() -> str:
         try:

@@ -1,5 +1,5 @@
 """Outgoing connections (``module.connect``, Prosody's ``addclient``) and the bundled TCP proxy
-module (``workers/proxy.py``) end to end, against small threaded backends in the test."""
+module (``mpnet/services/proxy.py``) end to end, against small threaded backends in the test."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Tests for mpnet.portmanager: host normalising, endpoint overlaps, port plans, conflicts, and
-the PortLedger with real sockets on loopback.
+"""Tests for mpnet.pure.portplan and mpnet.portmanager: host normalising, endpoint overlaps,
+port plans, conflicts, and the PortLedger with real sockets on loopback.
 
 Sockets are only ever bound to loopback (plus, in one clearly marked test, the wildcard address
 for a few milliseconds); nothing connects anywhere but to them.
@@ -16,16 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from mpnet.config import Config, ConfigError, parse_config
-from mpnet.portmanager import (
-    Endpoint,
-    PortConflict,
-    PortLedger,
-    ServicePlan,
-    find_conflicts,
-    normalise_host,
-    plan_services,
-)
+from mpnet.portmanager import PortConflict, PortLedger, family, normalise_host, plan_services
+from mpnet.pure.config import Config, ConfigError, parse_config
+from mpnet.pure.portplan import Endpoint, ServicePlan, find_conflicts
 
 PATH = "/etc/mpnet/ports.toml"
 V4 = socket.AF_INET
@@ -87,10 +80,10 @@ def test_normalise_host(host: str, normal: str) -> None:
 
 
 def test_endpoint_family_wildcard_and_text() -> None:
-    assert ep("0.0.0.0", 1).family == V4 and ep("0.0.0.0", 1).wildcard
-    assert ep("::", 1).family == V6 and ep("::", 1).wildcard
-    assert ep("127.0.0.1", 1).family == V4 and not ep("127.0.0.1", 1).wildcard
-    assert ep("::1", 1).family == V6 and not ep("::1", 1).wildcard
+    assert family(ep("0.0.0.0", 1)) == V4 and ep("0.0.0.0", 1).wildcard
+    assert family(ep("::", 1)) == V6 and ep("::", 1).wildcard
+    assert family(ep("127.0.0.1", 1)) == V4 and not ep("127.0.0.1", 1).wildcard
+    assert family(ep("::1", 1)) == V6 and not ep("::1", 1).wildcard
     assert str(ep("127.0.0.1", 5432)) == "127.0.0.1:5432"
     assert str(ep("::1", 5432)) == "[::1]:5432"
     assert str(ep("::", 0)) == "[::]:0"

@@ -1,4 +1,4 @@
-"""Tests for mpnet.proxyproto: PROXY protocol v1/v2 parsing and the header builders.
+"""Tests for mpnet.pure.proxyproto: PROXY protocol v1/v2 parsing and the header builders.
 
 Valid headers are built by hand here (not only with the builders under test), then fed whole,
 one byte at a time and at every split position; malformed headers must be rejected with
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from mpnet.proxyproto import (
+from mpnet.pure.proxyproto import (
     DEFAULT_MAX_V2_LENGTH,
     PP2_TYPE_ALPN,
     PP2_TYPE_AUTHORITY,

@@ -1,4 +1,4 @@
-"""Tests for mpnet.resp: the RESP2 request parser and the reply encoders.
+"""Tests for mpnet.pure.resp: the RESP2 request parser and the reply encoders.
 
 The parser's central promise is that the commands (and the error, if any) depend only on the
 byte stream, never on how TCP split it, so every stream here is checked whole, one byte at a
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from mpnet.resp import (
+from mpnet.pure.resp import (
     DEFAULT_MAX_BULK_LENGTH,
     DEFAULT_MAX_INLINE_LENGTH,
     DEFAULT_MAX_MULTIBULK_LENGTH,

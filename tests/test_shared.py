@@ -24,16 +24,11 @@ from typing import Any
 import pytest
 from harness import Client, config, run_mpnet, wait_for
 
-from mpnet.channel import FrameDecoder, decode_payload, encode
-from mpnet.shared import (
-    SharedError,
-    SharedMaster,
-    SharedState,
-    StateFileError,
-    Store,
-    replay_journal,
-    run_atomic,
-)
+from mpnet.journal import StateFileError, Store, replay_journal
+from mpnet.pure.frames import FrameDecoder, decode_payload, encode
+from mpnet.pure.replica import SharedError, run_atomic
+from mpnet.shared import SharedMaster
+from mpnet.workers.shared import SharedState
 
 # -- the protocol without processes ----------------------------------------------------------------
 
@@ -188,7 +183,7 @@ def test_write_that_cannot_be_sent_leaves_the_replica_unchanged():
     with pytest.raises(RuntimeError):
         table.clear()
     assert table.snapshot() == {"k": 1}
-    assert table._pending == {} and table._clears == 0
+    assert table._replica.pending == {} and table._replica.clears == 0
 
 
 _MISSING = object()
@@ -252,7 +247,7 @@ def test_random_interleavings_converge_and_read_own_writes(seed):
                 cluster.to_worker(i, rng.randrange(1, 4))
             for j, t in enumerate(tables):  # read-your-writes while own writes are in flight
                 for key, value in own[j].items():
-                    if key in t._pending or t._clears:
+                    if key in t._replica.pending or t._replica.clears:
                         assert t.get(key, _MISSING) == value, (j, key)
             await asyncio.sleep(0)
         cluster.settle()
@@ -260,7 +255,7 @@ def test_random_interleavings_converge_and_read_own_writes(seed):
         for name, data in cluster.master.tables.items():
             for t in (cluster.table(i, name) for i in range(workers)):
                 assert t.snapshot() == data
-                assert t._pending == {} and t._clears == 0
+                assert t._replica.pending == {} and t._replica.clears == 0
         answers = [await answer for answer in incr_answers]
         assert sorted(answers) == list(range(1, increments + 1))
 
@@ -477,7 +472,7 @@ async def run(cmd):
             return f"TypeError: {exc}"
         return "no error"
     if op == "garbage":  # an oversized length prefix straight onto this worker's channel
-        from mpnet.channel import WorkerChannel
+        from mpnet.workers.channel import WorkerChannel
         channel = next(o for o in gc.get_objects() if isinstance(o, WorkerChannel))
         channel.transport.write(b"\xff\xff\xff\xff garbage")
         return True

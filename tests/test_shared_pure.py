@@ -1,5 +1,6 @@
-"""Tests for the pure parts of mpnet.shared: writes, atomics, the journal, the Store, and the
-replica logic of SharedTable (driven without processes: the test plays the master).
+"""Tests for the pure parts of the shared tables (mpnet.pure.replica, mpnet.journal): writes,
+atomics, the journal, the Store, and the replica logic of SharedTable (driven without processes:
+the test plays the master).
 """
 
 from __future__ import annotations
@@ -17,18 +18,11 @@ from typing import Any
 
 import pytest
 
-from mpnet import shared
-from mpnet.channel import decode_payload, encode
-from mpnet.shared import (
-    SharedError,
-    SharedState,
-    SharedTable,
-    StateFileError,
-    Store,
-    apply_write,
-    replay_journal,
-    run_atomic,
-)
+import mpnet.journal
+from mpnet.journal import StateFileError, Store, replay_journal
+from mpnet.pure.frames import decode_payload, encode
+from mpnet.pure.replica import SharedError, apply_write, run_atomic
+from mpnet.workers.shared import SharedState, SharedTable
 
 OTHER_PID = 10**9  # "another worker": never this process's pid
 
@@ -415,7 +409,7 @@ def test_store_compact_then_more_writes(stores: Callable[..., Store]) -> None:
 def test_store_tick_compacts_a_big_journal(
     stores: Callable[..., Store], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(shared, "_COMPACT_BYTES", 100)
+    monkeypatch.setattr(mpnet.journal, "_COMPACT_BYTES", 100)
     store = stores()
     tables = store.load()
     write_all(store, tables, RECORDS[:1])

@@ -28,14 +28,8 @@ from typing import NamedTuple
 
 import pytest
 
-from mpnet.systemd import (
-    ActivatedSocket,
-    Notifier,
-    drop_privileges,
-    listen_fds,
-    match_endpoint,
-    running_as_root,
-)
+from mpnet.privileges import drop_privileges, running_as_root
+from mpnet.systemd import ActivatedSocket, Notifier, listen_fds, match_endpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT_DIR = ROOT / "systemd"
@@ -727,7 +721,7 @@ def test_drop_privileges_as_root_in_child() -> None:
         pytest.skip("no 'nobody' user")
     code = r"""
 import json, os
-from mpnet.systemd import drop_privileges
+from mpnet.privileges import drop_privileges
 drop_privileges("nobody")
 print(json.dumps([os.getresuid(), os.getresgid(), sorted(os.getgroups())]))
 """

@@ -20,8 +20,8 @@ from harness import Client, config, wait_for, worker_status
 
 # One module for most tests: greets, echoes, and obeys a few commands.
 TOOLS = """
-import mpnet.connection
-mpnet.connection.LIMIT_LOG_EVERY = 1.0  # report refusals every second, not every 10 s
+import mpnet.workers.connection
+mpnet.workers.connection.LIMIT_LOG_EVERY = 1.0  # report refusals every second, not every 10 s
 
 paused = set()
 class listener:

@@ -20,7 +20,7 @@ import psutil
 import pytest
 from harness import Client, config, free_port, wait_for
 
-from mpnet.proxyproto import build_v1, build_v2
+from mpnet.pure.proxyproto import build_v1, build_v2
 
 WHOIS = """
 class listener:

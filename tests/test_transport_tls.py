@@ -25,7 +25,7 @@ import uvloop
 from harness import Client, config, wait_for, worker_status
 from test_transport_proxy import BioClient
 
-from mpnet.tls import ServerHandshake
+from mpnet.workers.tls import ServerHandshake
 
 TLS_ECHO = """
 class listener:
@@ -371,7 +371,7 @@ def test_data_and_close_right_after_the_handshake_keep_their_order(mpnet, write_
 
 @pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])
 def test_server_handshake_takes_the_bytes_read_before_it(certs, loop_kind):
-    """mpnet.tls.ServerHandshake on its own, on both event loops: a protocol reads a prefix,
+    """mpnet.workers.tls.ServerHandshake on its own, on both event loops: a protocol reads a prefix,
     then hands the bytes after it (the start of the ClientHello, same segment) to TLS."""
     cert, key = certs["a"]
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

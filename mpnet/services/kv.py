@@ -48,15 +48,9 @@ import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from mpnet.channel import ChannelError
-from mpnet.resp import (
-    RespParser,
-    RespProtocolError,
-    encode_bulk,
-    encode_error,
-    encode_integer,
-)
-from mpnet.shared import SharedError
+from mpnet.pure.frames import ChannelError
+from mpnet.pure.replica import SharedError
+from mpnet.pure.resp import RespParser, RespProtocolError, encode_bulk, encode_error, encode_integer
 
 TABLE = module.get_option("table", "kv")
 MAX_VALUE_SIZE = int(module.get_option("max_value_size", 32 * 1024 * 1024))

@@ -15,9 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .config import Config, ConfigError
+from mpnet.pure.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    from .module import LoadedModules
 
 log = logging.getLogger("mpnet.tls")
 
@@ -164,3 +167,28 @@ class ServerHandshake:
             buffer[:size] = view[:size]
             tls.buffer_updated(size)  # type: ignore[attr-defined]
             view = view[size:]
+
+
+def tls_contexts(config: Config, loaded: LoadedModules) -> dict[str, ssl.SSLContext]:
+    """A TLS context for every service that has an ``ssl`` table (direct TLS needs one;
+    others use it for ``conn.starttls()``). Raises ConfigError for a bad or missing one."""
+    contexts: dict[str, ssl.SSLContext] = {}
+    services = loaded.describe()
+    alpn = [
+        p.options["multiplex_rule"][1]
+        for p in loaded.providers
+        if "multiplex_rule" in p.options and p.options["multiplex_rule"][1]
+    ]
+    for info in services:
+        name = info["name"]
+        if info.get("optional") and not config.service_key_is_set(name, "ports"):
+            continue
+        context = server_context(config, name, alpn if name == "multiplex_ssl" else None)
+        if context is not None:
+            contexts[name] = context
+        elif info.get("encryption") == "ssl":
+            raise ConfigError(
+                f"{config.path}: service {name!r} uses direct TLS: set {name}_ssl = "
+                f'{{ certificate = "...", key = "..." }} or an [ssl] table'
+            )
+    return contexts

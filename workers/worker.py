@@ -16,23 +16,27 @@ import asyncio
 import faulthandler
 import logging
 import os
-import resource
 import signal
 import socket
 import ssl
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import log as mpnet_log
+from mpnet import log as mpnet_log
+from mpnet.fdlimit import default_max_connections
+from mpnet.privileges import become_service_user
+from mpnet.pure.config import Config, ConfigError
+
 from .channel import WorkerChannel
-from .config import Config, ConfigError
 from .connection import Service, ServiceSettings, WorkerCounters
 from .module import LoadedModules, ModuleError, load_modules
 from .multiplex import MULTIPLEX_SERVICES, MultiplexService, Rules
-from .portmanager import Binding
 from .shared import SharedState
-from .tls import server_context
+from .tls import tls_contexts
+
+if TYPE_CHECKING:
+    from mpnet.portmanager import Binding
 
 try:  # imported in the master, before workers fork and maybe lose the right to read it
     import uvloop
@@ -53,28 +57,6 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     if uvloop is None:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
-
-
-def drop_privileges(config: Config) -> None:
-    """Become ``user``/``group`` before any module code runs; refuse root unless allowed.
-
-    Called in workers and in the checker, so a start fails early, with the same message, when
-    the account is missing or the modules cannot load as that user.
-    """
-    from . import systemd
-
-    if config["user"]:
-        try:
-            systemd.drop_privileges(config["user"], config["group"])
-        except (LookupError, PermissionError) as exc:
-            raise ConfigError(f"{config.path}: key 'user': {exc}") from None
-    elif config["group"]:
-        raise ConfigError(f"{config.path}: key 'group' needs 'user' as well")
-    if os.geteuid() == 0 and not config["allow_root"]:
-        raise ConfigError(
-            f'{config.path}: refusing to run workers as root; set user = "<account>" '
-            f"(the master binds the ports first) or allow_root = true"
-        )
 
 
 class Worker:
@@ -166,7 +148,7 @@ class Worker:
 
     async def _boot(self) -> None:
         self.modules = load_modules(
-            self.config, self.shared, before_run=lambda: drop_privileges(self.config)
+            self.config, self.shared, before_run=lambda: become_service_user(self.config)
         )
         loop = asyncio.get_running_loop()
         self.counters = WorkerCounters(self.config["max_connections"] or default_max_connections())
@@ -338,58 +320,6 @@ async def _accepted_connections_announced() -> None:
     """
     for _ in range(3):
         await asyncio.sleep(0)
-
-
-FD_RESERVE = 64  # descriptors kept for modules, outgoing connections and the framework
-
-
-def raise_fd_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard one (called in the master, so workers inherit
-    it); return the soft limit now in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError):
-            pass
-    return soft
-
-
-def default_max_connections() -> int:
-    """Without ``max_connections``: the descriptor limit less a reserve, so that a flood meets
-    mpnet's own counted and logged limit before the kernel's EMFILE (which libuv survives by
-    closing the excess connections, but silently)."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return 1 << 30
-    return max(16, soft - FD_RESERVE)
-
-
-def tls_contexts(config: Config, loaded: LoadedModules) -> dict[str, ssl.SSLContext]:
-    """A TLS context for every service that has an ``ssl`` table (direct TLS needs one;
-    others use it for ``conn.starttls()``). Raises ConfigError for a bad or missing one."""
-    contexts: dict[str, ssl.SSLContext] = {}
-    services = loaded.describe()
-    alpn = [
-        p.options["multiplex_rule"][1]
-        for p in loaded.providers
-        if "multiplex_rule" in p.options and p.options["multiplex_rule"][1]
-    ]
-    for info in services:
-        name = info["name"]
-        if info.get("optional") and not config.service_key_is_set(name, "ports"):
-            continue
-        context = server_context(config, name, alpn if name == "multiplex_ssl" else None)
-        if context is not None:
-            contexts[name] = context
-        elif info.get("encryption") == "ssl":
-            raise ConfigError(
-                f"{config.path}: service {name!r} uses direct TLS: set {name}_ssl = "
-                f'{{ certificate = "...", key = "..." }} or an [ssl] table'
-            )
-    return contexts
 
 
 def service_settings(

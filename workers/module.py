@@ -8,33 +8,26 @@ processes, never in the master.
 from __future__ import annotations
 
 import logging
-import re
 import sys
 import traceback
 import types
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .config import Config
+from mpnet.pure.config import Config
 
-if TYPE_CHECKING:
-    from .connection import Connection
-    from .shared import SharedState, SharedTable
-
-CALLBACK_NAMES = (
-    "onconnect",
-    "onincoming",
-    "ondisconnect",
-    "ondrain",
-    "onreadtimeout",
-    "onstarttls",
+from .connection import Connection, Service, open_connection
+from .provider import (
+    PROVIDER_FIELDS,
+    SERVICE_NAME,
+    ModuleError,
+    Provider,
+    listener_callbacks,
 )
-PROVIDER_FIELDS = frozenset(
-    {"name", "listener", "default_port", "default_ports", "encryption", "multiplex"}
-)
-SERVICE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)*$")
+from .shared import SharedState, SharedTable
+
 LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -43,64 +36,12 @@ LEVELS = {
     "error": logging.ERROR,
 }
 
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "workers"
-
 
 def bundled_dir() -> Path:
-    """Where the bundled service modules live (the source tree's ``workers/`` or, installed,
-    the ``mpnet.bundled`` package that setuptools maps it to)."""
-    if BUNDLED_DIR.is_dir():
-        return BUNDLED_DIR
-    from . import bundled  # type: ignore[attr-defined]
+    """Where the bundled service modules live: the ``mpnet.services`` package's folder."""
+    from mpnet import services
 
-    return Path(next(iter(bundled.__path__)))
-
-
-class ModuleError(Exception):
-    """A module that cannot be found, does not load, or declares something invalid."""
-
-
-@dataclass
-class Provider:
-    """One ``module.provides("net", ...)`` declaration."""
-
-    name: str
-    module: Module
-    listener: Any
-    default_ports: list[int]
-    callbacks: dict[str, Callable[..., Any]]
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def describe(self) -> dict[str, Any]:
-        """Plain data about this provider, as the checker reports it to the master."""
-        return {
-            "name": self.name,
-            "module": self.module.name,
-            "default_ports": list(self.default_ports),
-            "encryption": self.options.get("encryption"),
-            "multiplex": "multiplex" in self.options,
-        }
-
-
-def listener_callbacks(listener: Any, where: str) -> dict[str, Callable[..., Any]]:
-    """The ``on*`` callbacks a listener offers. A listener is any object (class, instance,
-    namespace) or a dict; missing callbacks are skipped, non-callable ones are an error."""
-    found: dict[str, Callable[..., Any]] = {}
-    for name in CALLBACK_NAMES:
-        if isinstance(listener, dict):
-            callback = listener.get(name)
-        else:
-            callback = getattr(listener, name, None)
-        if callback is None:
-            continue
-        if not callable(callback):
-            raise ModuleError(f"{where}: listener.{name} is not callable")
-        found[name] = callback
-    if not found:
-        raise ModuleError(
-            f"{where}: listener has none of the callbacks {', '.join(CALLBACK_NAMES)}"
-        )
-    return found
+    return Path(next(iter(services.__path__)))
 
 
 class Module:
@@ -188,7 +129,7 @@ class Module:
         return self._config.values.get(name, default)
 
     def shared(self, name: str) -> SharedTable:
-        """A table every worker sees (see :mod:`mpnet.shared`)."""
+        """A table every worker sees (see :mod:`mpnet.workers.shared`)."""
         return self._require_shared().table(name)
 
     def broadcast(self, topic: str, payload: Any = None) -> None:
@@ -211,9 +152,7 @@ class Module:
     ) -> Connection:
         """Open an outgoing connection served by *listener*'s callbacks (Prosody's
         ``addclient``). Returns the connection at once; see
-        :class:`mpnet.connection.OutgoingConnection`. Worker processes only."""
-        from .connection import Service, open_connection
-
+        :class:`mpnet.workers.connection.OutgoingConnection`. Worker processes only."""
         service = self._outgoing.get(id(listener))
         if service is None or service.provider.listener is not listener:
             where = f"module {self.name!r}, module.connect()"
@@ -225,8 +164,6 @@ class Module:
 
     def _require_shared(self) -> SharedState:
         if self._shared is None:
-            from .shared import SharedState
-
             # Loaded outside a worker (the checker): a detached replica that goes nowhere.
             self._shared = SharedState(lambda message: None, {})
         return self._shared

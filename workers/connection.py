@@ -30,12 +30,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import iplimit
-from .proxyproto import ProxyHeaderParser, ProxyProtocolError
+from mpnet import iplimit
+from mpnet.pure.proxyproto import ProxyHeaderParser, ProxyProtocolError
+
 from .tls import ServerHandshake, handshake_failed
 
 if TYPE_CHECKING:
-    from .module import Provider
+    from .provider import Provider
 
 log = logging.getLogger("mpnet.connection")
 
@@ -652,8 +653,8 @@ class _HandshakeFirst(Connection):
 
 class TLSConnection(_HandshakeFirst):
     """A direct-TLS connection (``encryption = "ssl"``): accepted in the clear, then mpnet runs
-    the server handshake (:class:`mpnet.tls.ServerHandshake`). ``onconnect`` runs once it has
-    succeeded; a handshake that fails or times out (``ssl_handshake_timeout``) is logged at
+    the server handshake (:class:`~mpnet.workers.tls.ServerHandshake`). ``onconnect`` runs once
+    it has succeeded; a handshake that fails or times out (``ssl_handshake_timeout``) is logged at
     debug level with the peer and the reason, counted, and never reaches the module."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -1,0 +1,205 @@
+"""The command-line side of the control socket: ``mpnet status | reload | stop | workers N``
+send one JSON request to a running master (:mod:`mpnet.control`) and show its answer."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .control import default_socket_path
+
+
+class ControlError(Exception):
+    """The master could not be reached or refused the request."""
+
+
+def request(path: Path, payload: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(str(path))
+        except FileNotFoundError:
+            raise ControlError(f"no control socket at {path}: is mpnet running?") from None
+        except ConnectionRefusedError:
+            raise ControlError(f"nothing listens on {path}: is mpnet running?") from None
+        except PermissionError:
+            raise ControlError(f"permission denied on {path}") from None
+        # A refused peer is answered and closed at once, maybe before its request is even
+        # sent (EPIPE) and with the request unread (the answer, then ECONNRESET): read the
+        # answer whatever happens to the request.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(json.dumps(payload).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            data += chunk
+    except TimeoutError:
+        raise ControlError(f"no answer from {path} within {timeout:g}s") from None
+    finally:
+        sock.close()
+    if not data:
+        raise ControlError(f"the master at {path} closed the connection without an answer")
+    try:
+        response = json.loads(data)
+    except ValueError as exc:
+        raise ControlError(f"malformed answer from the master at {path}: {exc}") from None
+    if not isinstance(response, dict):
+        raise ControlError(f"malformed answer from the master at {path}: not a JSON object")
+    if not response.get("ok"):
+        raise ControlError(response.get("error", "request failed"))
+    return response
+
+
+def _socket_path(args: argparse.Namespace) -> Path:
+    if args.socket:
+        return Path(args.socket)
+    if args.config:
+        from .pure.config import load_config
+
+        config = load_config(args.config)
+        if config["control_socket"]:
+            return config.resolve_path(config["control_socket"])
+    return default_socket_path()
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def print_status(status: dict[str, Any]) -> None:
+    notes = []
+    if status.get("checking"):
+        notes.append("checking a reload's modules")
+    elif status.get("reloading"):
+        notes.append("reloading")
+    if status.get("reload_failed"):
+        notes.append(f"last reload failed: {status['reload_failed']['error']}")
+    print(
+        f"mpnet pid {status['pid']}, up {_format_duration(status['uptime'])}, "
+        f"generation {status['generation']}, {status['slots']} worker slot(s), {status['state']}"
+        + "".join(f"; {note}" for note in notes)
+    )
+    header = (
+        "slot", "pid", "gen", "state", "conns", "served", "refused", "tls-fail", "cpu%", "rss",
+        "uptime",
+    )  # fmt: skip
+    rows = [header]
+    for w in status["workers"]:
+        rss = f"{w['rss'] / 1048576:.1f}M" if w.get("rss") is not None else "-"
+        cpu = f"{w['cpu_percent']:.1f}" if w.get("cpu_percent") is not None else "-"
+        rows.append(
+            (
+                str(w["slot"]),
+                str(w["pid"]),
+                str(w["generation"]),
+                w["state"],
+                str(w["connections"]),
+                str(w["served"]),
+                str(w.get("refused", 0)),
+                str(w.get("tls_failures", 0)),
+                cpu,
+                rss,
+                _format_duration(w["uptime"]),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)))
+    print("services:")
+    for service in status["services"]:
+        print(
+            f"  {service['name']} (module {service['module']}) -> {', '.join(service['endpoints'])}"
+        )
+
+
+def _command(build: Callable[[argparse.Namespace], dict[str, Any]], show: Any = None) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            response = request(_socket_path(args), build(args), timeout=args.timeout)
+        except ControlError as exc:
+            print(f"mpnet: error: {exc}", file=sys.stderr)
+            return 1
+        if getattr(args, "json", False):
+            print(json.dumps(response, indent=2))
+        elif show is not None:
+            show(response)
+        elif response.get("message"):
+            print(response["message"])
+        return 0
+
+    return run
+
+
+def _reload(args: argparse.Namespace) -> int:
+    """Ask for a reload; with ``--wait``, poll until the new generation serves every slot."""
+    path = _socket_path(args)
+    try:
+        response = request(path, {"command": "reload"}, timeout=args.timeout)
+        print(response["message"])
+        deadline = time.monotonic() + args.timeout
+        while args.wait:
+            status = request(path, {"command": "status"}, timeout=args.timeout)["status"]
+            failed = status.get("reload_failed") or {}
+            if failed.get("generation") == response["generation"]:
+                raise ControlError(f"reload failed: {failed.get('error')}")
+            if not status["reloading"] and status["generation"] >= response["generation"]:
+                print(f"reload complete: generation {status['generation']} serves every slot")
+                break
+            if time.monotonic() > deadline:
+                raise ControlError(f"reload not complete after {args.timeout:g}s")
+            time.sleep(0.1)
+    except ControlError as exc:
+        print(f"mpnet: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_commands(commands: Any) -> None:
+    """Register ``status``, ``reload``, ``stop`` and ``workers`` on the CLI parser."""
+
+    def common(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("-c", "--config", help="config file (to find control_socket)")
+        parser.add_argument("-s", "--socket", help="control socket path")
+        parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait")
+
+    status = commands.add_parser("status", help="show workers and services of a running mpnet")
+    common(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(
+        func=_command(lambda a: {"command": "status"}, lambda r: print_status(r["status"]))
+    )
+
+    reload = commands.add_parser("reload", help="reload config and modules without downtime")
+    common(reload)
+    reload.add_argument("--wait", action="store_true", help="return once every slot is replaced")
+    reload.set_defaults(func=_reload)
+
+    stop = commands.add_parser("stop", help="stop a running mpnet (graceful by default)")
+    common(stop)
+    stop.add_argument("--quick", action="store_true", help="close connections now")
+    stop.set_defaults(
+        func=_command(lambda a: {"command": "stop", "mode": "quick" if a.quick else "graceful"})
+    )
+
+    workers = commands.add_parser("workers", help="set the number of workers")
+    common(workers)
+    workers.add_argument("count", type=int)
+    workers.set_defaults(func=_command(lambda a: {"command": "workers", "count": a.count}))

@@ -1,0 +1,243 @@
+"""A worker's side of the shared tables: replicas read locally, writes sent to the master,
+atomic operations awaited, broadcasts delivered to hooks.
+
+Protocol (plain-data lists on the channel):
+
+worker -> master
+    ``["sw", table, op, args]``          a write already applied locally (set, del, clear, update)
+    ``["sx", request, table, op, args]`` an atomic operation decided by the master (incr,
+                                         setdefault, cas, pop, delete_if); answered with ``sr``
+    ``["bc", topic, payload]``           a broadcast
+master -> every worker
+    ``["sa", origin_pid, table, op, args]`` a sequenced write (its *effect*: atomics arrive as
+                                         set/del with the master's result, with origin 0)
+    ``["be", topic, payload]``           a broadcast, in the master's order
+master -> one worker
+    ``["sr", request, ok, value]``       the answer to an atomic operation
+
+How a replica merges sequenced writes with its own is in :mod:`mpnet.pure.replica`.
+
+Atomic operations are sent when they are *called* (they return an awaitable future), so they keep
+program order with plain writes made after them. Their effect is broadcast with origin 0: it is
+never one of the requesting worker's pending writes. The answer (``sr``) follows the effect on the
+same channel, so once ``await table.incr(k)`` returns, the local replica shows that value (or a
+later local write).
+
+Values are plain data (None, bool, int, float, str, bytes, list, dict); anything else raises
+``TypeError`` in the writing module, at the write. Treat values read from a table as immutable:
+mutating one in place changes only the local replica (write a modified copy back instead).
+
+Every message a worker writes is sent at the call (so an error, e.g. a value too large for the
+channel, is raised at the write). Once the channel to the master is lost, every shared operation
+raises :class:`SharedError` at the call.
+
+A new worker needs no snapshot message: it is forked from the master, so it starts with a copy of
+the master's tables, and every write sequenced after the fork reaches its channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from typing import Any
+
+from mpnet.pure.replica import Replica, SharedError, check_key
+from mpnet.pure.values import check_plain
+
+
+class SharedTable(MutableMapping[Any, Any]):
+    """A table every worker sees. Reads are local; writes reach every worker (see module doc).
+
+    Plain writes (``t[k] = v``, ``del t[k]``, ``update``, ``clear``) apply locally at once and
+    are sequenced by the master later; atomic operations (``incr``, ``setdefault``, ``cas``,
+    ``pop``, ``delete_if``) are decided by the master and return a future to await.
+    """
+
+    def __init__(self, state: SharedState, name: str, data: dict[Any, Any]) -> None:
+        self.name = name
+        self._state = state
+        self._replica = Replica(data)
+        self._data = data
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._data[key]
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self._data.get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._data
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(list(self._data))
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"<shared table {self.name!r} {self._data!r}>"
+
+    def _write(self, op: str, args: list[Any], keys: Iterable[Any]) -> None:
+        # Sent before the local change: if the message cannot be sent (e.g. it exceeds the
+        # channel's frame limit) the replica must stay as it was. The echo cannot overtake us:
+        # it arrives through the event loop, after this call returns.
+        self._state._send(["sw", self.name, op, args])
+        self._replica.wrote(keys)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        check_key(key)
+        check_plain(value)
+        self._write("set", [key, value], (key,))
+        self._data[key] = value
+
+    def __delitem__(self, key: Any) -> None:
+        if key not in self._data:
+            raise KeyError(key)
+        self._write("del", [key], (key,))
+        del self._data[key]
+
+    def clear(self) -> None:
+        self._state._send(["sw", self.name, "clear", []])
+        self._replica.cleared()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        changes = dict(*args, **kwargs)
+        for key, value in changes.items():
+            check_key(key)
+            check_plain(value)
+        if not changes:
+            return
+        self._write("update", [changes], changes)
+        self._data.update(changes)
+
+    def snapshot(self) -> dict[Any, Any]:
+        """A shallow copy of the local replica."""
+        return dict(self._data)
+
+    # atomic operations: decided by the master; sent at the call, awaited by the caller
+
+    def incr(self, key: Any, amount: int = 1) -> asyncio.Future[int]:
+        """Add *amount* to the integer at *key* (missing counts as 0); resolves to the new value.
+
+        Raises :class:`SharedError` (when awaited) if the value is not an int."""
+        if type(amount) is not int:
+            raise TypeError(f"incr amount must be an int, not {type(amount).__name__}")
+        return self._state._atomic(self.name, "incr", [key, amount])
+
+    def setdefault(self, key: Any, value: Any = None) -> asyncio.Future[Any]:  # type: ignore[override]
+        """Set *key* to *value* unless it exists; resolves to the value *key* then holds."""
+        check_plain(value)
+        return self._state._atomic(self.name, "setdefault", [key, value])
+
+    def cas(self, key: Any, expected: Any, new: Any) -> asyncio.Future[bool]:
+        """Set *key* to *new* if it holds *expected* (equal and of the same type; a missing key
+        holds None, so ``cas(k, None, v)`` creates *k*); resolves to whether it did."""
+        check_plain(expected)
+        check_plain(new)
+        return self._state._atomic(self.name, "cas", [key, expected, new])
+
+    def pop(self, key: Any, default: Any = None) -> asyncio.Future[Any]:  # type: ignore[override]
+        """Delete *key*; resolves to the value it held, or *default* if it was missing."""
+        return self._state._atomic(self.name, "pop", [key, default])
+
+    def delete_if(self, key: Any, expected: Any) -> asyncio.Future[bool]:
+        """Delete *key* if it holds *expected* (equal and of the same type); resolves to whether
+        it did. The conditional delete that ``pop`` cannot express: expiring or releasing an
+        entry without clobbering a value another worker has put there since."""
+        check_plain(expected)
+        return self._state._atomic(self.name, "delete_if", [key, expected])
+
+    # replication
+
+
+class SharedState:
+    """A worker's replicas of the shared tables, plus broadcasts and pending atomic requests."""
+
+    def __init__(self, send: Callable[[Any], None], tables: dict[str, dict[Any, Any]]) -> None:
+        self._channel_send = send
+        self._lost: str | None = None  # why the channel to the master is gone, once it is
+        self._pid = os.getpid()
+        self._initial = tables
+        self._tables: dict[str, SharedTable] = {}
+        self._requests: dict[int, asyncio.Future[Any]] = {}
+        self._request_ids = itertools.count(1)
+        self._hooks: dict[str, list[tuple[Callable[[Any], Any], str]]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def table(self, name: str) -> SharedTable:
+        table = self._tables.get(name)
+        if table is None:
+            if not isinstance(name, str) or not name:
+                raise TypeError("shared table names are non-empty strings")
+            table = SharedTable(self, name, self._initial.pop(name, {}))
+            self._tables[name] = table
+        return table
+
+    def broadcast(self, topic: str, payload: Any) -> None:
+        if not isinstance(topic, str):
+            raise TypeError("broadcast topics are strings")
+        check_plain(payload)
+        self._send(["bc", topic, payload])
+
+    def hook(self, topic: str, handler: Callable[[Any], Any], owner: str = "") -> None:
+        self._hooks.setdefault(topic, []).append((handler, owner))
+
+    def _send(self, message: list[Any]) -> None:
+        """Send to the master, or raise :class:`SharedError` once the channel is gone: a write
+        or request nobody will ever order or answer must fail at the call, not hang or vanish."""
+        if self._lost is not None:
+            raise SharedError(self._lost)
+        self._channel_send(message)
+
+    def _atomic(self, table: str, op: str, args: list[Any]) -> asyncio.Future[Any]:
+        """Send an atomic request now; return the future its answer resolves."""
+        check_key(args[0])
+        future = asyncio.get_running_loop().create_future()
+        request = next(self._request_ids)
+        self._send(["sx", request, table, op, args])
+        self._requests[request] = future
+        return future
+
+    def fail_pending(self, reason: str) -> None:
+        """Fail every unanswered atomic request (the channel to the master is gone, so no answer
+        will come), and every shared operation after it at its call; the worker calls this when
+        it loses its channel."""
+        self._lost = f"shared state unavailable: {reason}"
+        requests, self._requests = self._requests, {}
+        for future in requests.values():
+            if not future.done():
+                future.set_exception(SharedError(self._lost))
+
+    def message_handlers(self) -> dict[str, Callable[[list[Any]], None]]:
+        return {"sa": self._on_write, "sr": self._on_result, "be": self._on_broadcast}
+
+    def _on_write(self, message: list[Any]) -> None:
+        _, origin, name, op, args = message
+        self.table(name)._replica.apply(origin == self._pid, op, args)
+
+    def _on_result(self, message: list[Any]) -> None:
+        _, request, ok, value = message
+        future = self._requests.pop(request, None)
+        if future is None or future.done():
+            return
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(SharedError(value))
+
+    def _on_broadcast(self, message: list[Any]) -> None:
+        _, topic, payload = message
+        for handler, owner in self._hooks.get(topic, ()):
+            try:
+                result = handler(payload)
+                if asyncio.iscoroutine(result):
+                    task = asyncio.ensure_future(result)
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+            except Exception:
+                logging.getLogger(f"mpnet.module.{owner or 'mpnet'}").exception(
+                    "hook for broadcast %r failed", topic
+                )
