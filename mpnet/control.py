@@ -9,7 +9,6 @@ out. The master serves it from its select loop without ever blocking on a client
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import pwd
 import socket
@@ -19,7 +18,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-MAX_REQUEST = 64 * 1024
+from .pure.controlproto import (
+    MAX_REQUEST,
+    ControlProtocolError,
+    ControlReply,
+    ControlRequest,
+    parse_request,
+)
+
 CLIENT_TIMEOUT = 5.0
 
 
@@ -62,15 +68,15 @@ class Deferred:
         self.on_resolve: Callable[[_Client], None] | None = None
         self._client: _Client | None = None
         self._server: ControlServer | None = None
-        self._early: dict[str, Any] | None = None  # resolved before the request returned
+        self._early: ControlReply | None = None  # resolved before the request returned
 
-    def _bind(self, server: ControlServer, client: _Client) -> dict[str, Any] | None:
+    def _bind(self, server: ControlServer, client: _Client) -> ControlReply | None:
         """Attach the waiting client; return the answer if it is already known."""
         if self._early is None:
             self._client, self._server = client, server
         return self._early
 
-    def resolve(self, response: dict[str, Any]) -> None:
+    def resolve(self, response: ControlReply) -> None:
         client, server = self._client, self._server
         if client is None or server is None:
             self._early = response
@@ -84,13 +90,13 @@ class Deferred:
 
 
 class ControlServer:
-    """The master's side. ``handle_request(dict) -> dict | Deferred`` does the work; this class
-    only moves bytes, checks peers and enforces size and time limits."""
+    """The master's side. ``handle_request(request) -> ControlReply | Deferred`` does the work;
+    this class only moves bytes, checks peers and enforces size and time limits."""
 
     def __init__(
         self,
         path: Path,
-        handle_request: Callable[[dict[str, Any]], dict[str, Any] | Deferred],
+        handle_request: Callable[[ControlRequest], ControlReply | Deferred],
         allowed_uids: set[int],
         log: Any,
     ) -> None:
@@ -148,7 +154,7 @@ class ControlServer:
             if uid not in self.allowed_uids:
                 self._log.warning("control socket: refused pid %d (uid %d): not allowed", pid, uid)
                 with contextlib.suppress(OSError):
-                    conn.send(b'{"ok": false, "error": "permission denied"}\n')
+                    conn.send(ControlReply.failure("permission denied").to_json())
                 conn.close()
                 continue
             client = _Client(conn, time.monotonic() + CLIENT_TIMEOUT)
@@ -168,21 +174,19 @@ class ControlServer:
         client.inbox += data
         if b"\n" not in client.inbox:
             if len(client.inbox) > MAX_REQUEST:
-                self._answer(client, {"ok": False, "error": "request too large"})
+                self._answer(client, ControlReply.failure("request too large"))
             return
         line = bytes(client.inbox.split(b"\n", 1)[0])
         try:
-            request = json.loads(line)
-            if not isinstance(request, dict):
-                raise ValueError("not an object")
-        except ValueError as exc:
-            self._answer(client, {"ok": False, "error": f"bad request: {exc}"})
+            request = parse_request(line)
+        except ControlProtocolError as exc:
+            self._answer(client, ControlReply.failure(str(exc)))
             return
         try:
             response = self._handle_request(request)
         except Exception as exc:  # a control request must never take the master down
             self._log.exception("control request %r failed", request)
-            response = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            response = ControlReply.failure(f"{type(exc).__name__}: {exc}")
         if isinstance(response, Deferred):
             early = response._bind(self, client)
             if early is None:  # answered later: the client may wait that long
@@ -192,8 +196,8 @@ class ControlServer:
             response = early
         self._answer(client, response)
 
-    def _answer(self, client: _Client, response: dict[str, Any]) -> None:
-        client.outbox += json.dumps(response).encode() + b"\n"
+    def _answer(self, client: _Client, response: ControlReply) -> None:
+        client.outbox += response.to_json()
         client.inbox.clear()
         self.on_writable(client)
 

@@ -14,13 +14,26 @@ from pathlib import Path
 from typing import Any
 
 from .control import default_socket_path
+from .pure.controlproto import (
+    ControlProtocolError,
+    ControlReply,
+    ControlRequest,
+    ReloadRequest,
+    StatusRequest,
+    StopRequest,
+    WorkersRequest,
+    parse_reply,
+    request_to_json,
+)
 
 
 class ControlError(Exception):
     """The master could not be reached or refused the request."""
 
 
-def request(path: Path, payload: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+def request(path: Path, command: ControlRequest, timeout: float = 30.0) -> ControlReply:
+    """Send *command* to the master listening on *path*; its reply, or :class:`ControlError`
+    (unreachable, refused, timed out, or an answer that is not a valid reply)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
@@ -36,7 +49,7 @@ def request(path: Path, payload: dict[str, Any], timeout: float = 30.0) -> dict[
         # sent (EPIPE) and with the request unread (the answer, then ECONNRESET): read the
         # answer whatever happens to the request.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            sock.sendall(json.dumps(payload).encode() + b"\n")
+            sock.sendall(request_to_json(command))
         data = b""
         while not data.endswith(b"\n"):
             try:
@@ -53,14 +66,12 @@ def request(path: Path, payload: dict[str, Any], timeout: float = 30.0) -> dict[
     if not data:
         raise ControlError(f"the master at {path} closed the connection without an answer")
     try:
-        response = json.loads(data)
-    except ValueError as exc:
+        reply = parse_reply(data)
+    except ControlProtocolError as exc:
         raise ControlError(f"malformed answer from the master at {path}: {exc}") from None
-    if not isinstance(response, dict):
-        raise ControlError(f"malformed answer from the master at {path}: not a JSON object")
-    if not response.get("ok"):
-        raise ControlError(response.get("error", "request failed"))
-    return response
+    if not reply.ok:
+        raise ControlError(reply.error or "request failed")
+    return reply
 
 
 def _socket_path(args: argparse.Namespace) -> Path:
@@ -130,19 +141,22 @@ def print_status(status: dict[str, Any]) -> None:
         )
 
 
-def _command(build: Callable[[argparse.Namespace], dict[str, Any]], show: Any = None) -> Any:
+def _command(
+    build: Callable[[argparse.Namespace], ControlRequest],
+    show: Callable[[ControlReply], None] | None = None,
+) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         try:
-            response = request(_socket_path(args), build(args), timeout=args.timeout)
+            reply = request(_socket_path(args), build(args), timeout=args.timeout)
         except ControlError as exc:
             print(f"mpnet: error: {exc}", file=sys.stderr)
             return 1
         if getattr(args, "json", False):
-            print(json.dumps(response, indent=2))
+            print(json.dumps(json.loads(reply.to_json()), indent=2))
         elif show is not None:
-            show(response)
-        elif response.get("message"):
-            print(response["message"])
+            show(reply)
+        elif reply.message:
+            print(reply.message)
         return 0
 
     return run
@@ -152,15 +166,15 @@ def _reload(args: argparse.Namespace) -> int:
     """Ask for a reload; with ``--wait``, poll until the new generation serves every slot."""
     path = _socket_path(args)
     try:
-        response = request(path, {"command": "reload"}, timeout=args.timeout)
-        print(response["message"])
+        reply = request(path, ReloadRequest(), timeout=args.timeout)
+        print(reply.message)
         deadline = time.monotonic() + args.timeout
         while args.wait:
-            status = request(path, {"command": "status"}, timeout=args.timeout)["status"]
+            status = _status(path, args.timeout)
             failed = status.get("reload_failed") or {}
-            if failed.get("generation") == response["generation"]:
+            if failed.get("generation") == reply.generation:
                 raise ControlError(f"reload failed: {failed.get('error')}")
-            if not status["reloading"] and status["generation"] >= response["generation"]:
+            if not status["reloading"] and status["generation"] >= (reply.generation or 0):
                 print(f"reload complete: generation {status['generation']} serves every slot")
                 break
             if time.monotonic() > deadline:
@@ -170,6 +184,13 @@ def _reload(args: argparse.Namespace) -> int:
         print(f"mpnet: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _status(path: Path, timeout: float) -> dict[str, Any]:
+    status = request(path, StatusRequest(), timeout=timeout).status
+    if status is None:
+        raise ControlError(f"malformed answer from the master at {path}: no status")
+    return status
 
 
 def add_commands(commands: Any) -> None:
@@ -184,7 +205,7 @@ def add_commands(commands: Any) -> None:
     common(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(
-        func=_command(lambda a: {"command": "status"}, lambda r: print_status(r["status"]))
+        func=_command(lambda a: StatusRequest(), lambda r: print_status(r.status or {}))
     )
 
     reload = commands.add_parser("reload", help="reload config and modules without downtime")
@@ -195,11 +216,9 @@ def add_commands(commands: Any) -> None:
     stop = commands.add_parser("stop", help="stop a running mpnet (graceful by default)")
     common(stop)
     stop.add_argument("--quick", action="store_true", help="close connections now")
-    stop.set_defaults(
-        func=_command(lambda a: {"command": "stop", "mode": "quick" if a.quick else "graceful"})
-    )
+    stop.set_defaults(func=_command(lambda a: StopRequest("quick" if a.quick else "graceful")))
 
     workers = commands.add_parser("workers", help="set the number of workers")
     common(workers)
     workers.add_argument("count", type=int)
-    workers.set_defaults(func=_command(lambda a: {"command": "workers", "count": a.count}))
+    workers.set_defaults(func=_command(lambda a: WorkersRequest(a.count)))

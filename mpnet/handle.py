@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .channel import MasterChannel
+from .pure.messages import BootError, Heartbeat, Message, NotAccepting, Ready, Stopped
 
 log = logging.getLogger("mpnet.handle")
 
@@ -52,15 +53,14 @@ class WorkerHandle:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signum)
 
-    def on_message(self, message: list[Any]) -> bool:
+    def on_message(self, message: Message) -> bool:
         """Take in a message about the worker itself; False if it is of another kind (shared
-        state). Raises TypeError, ValueError or IndexError on a malformed one."""
-        kind = message[0]
-        if kind == "heartbeat":
+        state)."""
+        if type(message) is Heartbeat:
             self.last_heartbeat = time.monotonic()
-            self.connections, self.served = int(message[1]), int(message[2])
-            self.refused, self.tls_failures = int(message[3]), int(message[4])
-        elif kind == "ready":
+            self.connections, self.served = message.connections, message.served
+            self.refused, self.tls_failures = message.refused, message.tls_failures
+        elif type(message) is Ready:
             if self.state == "booting":
                 self.state = "ready"
             self.ready_at = self.last_heartbeat = time.monotonic()
@@ -70,12 +70,12 @@ class WorkerHandle:
                 self.pid,
                 self.generation,
             )
-        elif kind == "not_accepting":
+        elif type(message) is NotAccepting:
             self.accepting = False
-        elif kind == "boot_error":
-            self.boot_error = str(message[1])
-        elif kind == "stopped":
-            self.served = int(message[1])
+        elif type(message) is BootError:
+            self.boot_error = message.reason
+        elif type(message) is Stopped:
+            self.served = message.served
         else:
             return False
         return True

@@ -40,7 +40,14 @@ from .iplimit import IPCountTable
 from .journal import StateFileError
 from .portmanager import PortConflict, PortLedger, plan_services
 from .pure.config import Config, ConfigError
-from .pure.frames import ChannelError
+from .pure.controlproto import (
+    ControlReply,
+    ControlRequest,
+    ReloadRequest,
+    StatusRequest,
+    StopRequest,
+)
+from .pure.messages import ChannelError, from_wire
 from .pure.portplan import ServicePlan
 from .reload import Reloads
 from .shared import SharedMaster
@@ -342,11 +349,12 @@ class Master:
         self._close_channel(handle)
         handle.kill(signal.SIGKILL)
 
-    def _on_message(self, handle: WorkerHandle, message: list[Any]) -> None:
+    def _on_message(self, handle: WorkerHandle, raw: Any) -> None:
+        message = from_wire(raw)
         if handle.on_message(message):
             return
         if not self.shared.handle(handle, message, self._live_channels()):
-            raise ChannelError(f"unknown message kind {message[0]!r}")
+            raise ChannelError(f"{type(message).__name__} is not a message a worker sends")
 
     def _live_channels(self) -> list[tuple[WorkerHandle, MasterChannel]]:
         """Every worker's channel, for fan-out. Built once per change of the worker set, not
@@ -758,29 +766,22 @@ class Master:
 
     # -- control socket -----------------------------------------------------------------------
 
-    def handle_request(self, request: dict[str, Any]) -> dict[str, Any] | Deferred:
+    def handle_request(self, request: ControlRequest) -> ControlReply | Deferred:
         """One control-socket request (see :mod:`mpnet.control`)."""
-        command = request.get("command")
-        if command == "status":
-            return {"ok": True, "status": self.status()}
-        if command == "reload":
+        if isinstance(request, StatusRequest):
+            return ControlReply(True, status=self.status())
+        if isinstance(request, ReloadRequest):
             if self.stop_mode:
-                return {"ok": False, "error": "stopping"}
+                return ControlReply.failure("stopping")
             # Answered once the modules are checked (maybe after a reload already checking).
             waiter = Deferred(2 * float(self.config["boot_timeout"]) + 10)
             waiter.on_resolve = self._control_answered
             self.reload(waiter)
             return waiter
-        if command == "stop":
-            mode = "quick" if request.get("mode") == "quick" else "graceful"
-            self.begin_stop(mode, "control socket")
-            return {"ok": True, "message": f"{mode} stop started"}
-        if command == "workers":
-            count = request.get("count")
-            if type(count) is not int or not 1 <= count <= 1024:
-                return {"ok": False, "error": "workers: expected a count from 1 to 1024"}
-            return {"ok": True, "message": self.set_worker_count(count, "control socket")}
-        return {"ok": False, "error": f"unknown command {command!r}"}
+        if isinstance(request, StopRequest):
+            self.begin_stop(request.mode, "control socket")
+            return ControlReply(True, message=f"{request.mode} stop started")
+        return ControlReply(True, message=self.set_worker_count(request.count, "control socket"))
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()

@@ -30,6 +30,7 @@ from .checker import Check, CheckFailed
 from .control import Deferred
 from .portmanager import PortConflict, PortLedger, plan_services
 from .pure.config import Config, ConfigError
+from .pure.controlproto import ControlReply
 from .pure.portplan import ServicePlan
 
 log = logging.getLogger("mpnet.reload")
@@ -211,7 +212,7 @@ class Reloads:
             pending.check.close(kill=True)
             self._queued = (self._queued or []) + pending.waiters
         for waiter in self._queued or []:
-            waiter.resolve({"ok": False, "error": "stopping"})
+            waiter.resolve(ControlReply.failure("stopping"))
         self._queued = None
 
     def close(self) -> None:
@@ -271,11 +272,11 @@ class Reloads:
         message = f"reload accepted: starting generation {host.generation}"
         log.info("%s", message)
         for waiter in pending.waiters:
-            waiter.resolve({"ok": True, "message": message, "generation": host.generation})
+            waiter.resolve(ControlReply(True, message=message, generation=host.generation))
 
     def _failed(self, reason: str, waiters: list[Deferred]) -> None:
         log.error("reload failed, still serving the previous configuration: %s", reason)
         self.failed = {"generation": None, "error": reason}
         self._host.notify_ready(reason)
         for waiter in waiters:
-            waiter.resolve({"ok": False, "error": f"reload failed: {reason}"})
+            waiter.resolve(ControlReply.failure(f"reload failed: {reason}"))

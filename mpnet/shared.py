@@ -11,7 +11,18 @@ from typing import Any
 
 from .journal import Store
 from .pure.config import Config
-from .pure.frames import ChannelError, encode
+from .pure.frames import encode
+from .pure.messages import (
+    AtomicRequest,
+    AtomicResult,
+    Broadcast,
+    BroadcastEvent,
+    ChannelError,
+    Message,
+    SequencedWrite,
+    SharedWrite,
+    to_wire,
+)
 from .pure.replica import WRITE_ARITY, SharedError, apply_write, run_atomic
 from .pure.values import check_plain
 
@@ -75,40 +86,38 @@ class SharedMaster:
         else:
             frames.append(frame)
 
-    def handle(self, handle: Any, message: list[Any], channels: list[tuple[Any, Any]]) -> bool:
+    def handle(self, handle: Any, message: Message, channels: list[tuple[Any, Any]]) -> bool:
         """Process one shared-state message from a worker; False if it is not one."""
-        kind = message[0]
-        if kind == "sw":
-            _, name, op, args = message
-            if not isinstance(name, str) or op not in WRITE_ARITY or not isinstance(args, list):
+        kind = type(message)
+        if kind is SharedWrite:
+            name, op, args = message
+            if op not in WRITE_ARITY:
                 raise ChannelError(f"bad shared write {op!r}")
             if len(args) != WRITE_ARITY[op] or (op == "update" and type(args[0]) is not dict):
                 raise ChannelError(f"bad arguments for shared write {op!r}")
             check_plain(args)  # the codec decodes deeper nesting than a module may write
             self._write(handle.pid, name, op, args, channels)
-        elif kind == "sx":
-            _, request, name, op, args = message
-            if not isinstance(name, str) or not isinstance(args, list) or not args:
+        elif kind is AtomicRequest:
+            request, name, op, args = message
+            if not args:
                 raise ChannelError("bad atomic request")
             check_plain(args)
             table = self.tables.setdefault(name, {})
             try:
                 answer, effect = run_atomic(table, op, args)
             except (SharedError, TypeError, IndexError) as exc:
-                self._queue(handle.channel, encode(["sr", request, False, str(exc)]))
+                self._queue(handle.channel, _frame(AtomicResult(request, False, str(exc))))
                 return True
-            reply = encode(["sr", request, True, answer])
+            reply = _frame(AtomicResult(request, True, answer))
             if effect is None:
                 self._queue(handle.channel, reply)
             else:
                 # Origin 0: the effect is not one of the requester's pending plain writes.
                 self._write(0, name, effect[0], effect[1], channels, handle, reply)
-        elif kind == "bc":
-            _, topic, payload = message
-            if not isinstance(topic, str):
-                raise ChannelError("broadcast topic is not a string")
+        elif kind is Broadcast:
+            topic, payload = message
             check_plain(payload)
-            frame = encode(["be", topic, payload])
+            frame = _frame(BroadcastEvent(topic, payload))
             self._fan_out(frame, channels)
         else:
             return False
@@ -131,7 +140,7 @@ class SharedMaster:
         self.sequence += 1
         if self.store is not None:
             self.store.append(name, op, args)  # committed before anything is sent (flush)
-        frame = encode(["sa", origin, name, op, args])
+        frame = _frame(SequencedWrite(origin, name, op, args))
         for handle, channel in channels:
             if handle is requester:
                 self._queue(channel, frame + reply)  # the answer follows its effect
@@ -144,3 +153,7 @@ class SharedMaster:
     def _fan_out(self, frame: bytes, channels: list[tuple[Any, Any]]) -> None:
         for _handle, channel in channels:
             self._queue(channel, frame)
+
+
+def _frame(message: Message) -> bytes:
+    return encode(to_wire(message))

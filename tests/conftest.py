@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,6 +12,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from harness import Server
+
+# Every process a test starts (mpnet serve, python -c ...) runs this checkout's code, whatever
+# other copy of mpnet the interpreter has installed.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [_ROOT, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+)
 
 
 @pytest.fixture

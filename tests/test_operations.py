@@ -37,6 +37,7 @@ from mpnet.controlclient import ControlError
 from mpnet.controlclient import request as control_request
 from mpnet.master import BACKOFF_MAX, Master
 from mpnet.portmanager import PortLedger
+from mpnet.pure.controlproto import ControlReply, StatusRequest
 from mpnet.reload import Reloads
 
 VERSION_MODULE = """\
@@ -68,7 +69,7 @@ def greeting(port: int) -> tuple[int, int]:
 def status(server: Server) -> dict:
     configured = tomllib.loads(server.config_path.read_text())["control_socket"]
     path = server.directory / configured  # an absolute path stays as it is
-    return control_request(path, {"command": "status"}, timeout=10)["status"]
+    return control_request(path, StatusRequest(), timeout=10).status
 
 
 def ready_workers(server: Server) -> list[dict]:
@@ -270,7 +271,7 @@ def test_control_socket_keeps_answering_while_workers_come_and_go(mpnet):
     def poll() -> None:
         while not stop.is_set():
             try:
-                control_request(path, {"command": "status"}, timeout=3)
+                control_request(path, StatusRequest(), timeout=3)
                 answered[0] += 1
             except (ControlError, OSError) as exc:
                 failures.append(repr(exc))
@@ -496,6 +497,7 @@ sys.path.insert(0, {tests!r})
 from pathlib import Path
 from harness import Server, config, wait_for
 from mpnet.controlclient import request
+from mpnet.pure.controlproto import StatusRequest
 
 subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 Path("/proc/sys/net/ipv4/tcp_migrate_req").write_text("1")
@@ -542,7 +544,7 @@ try:
         for thread in threads:
             thread.join(20)
     results["draining"] = sum(
-        1 for w in request(directory / "control.sock", {{"command": "status"}})["status"]["workers"]
+        1 for w in request(directory / "control.sock", StatusRequest()).status["workers"]
         if w["state"] == "draining"
     )
     results["warned"] = "removing slots: connections still queued" in server.log
@@ -805,7 +807,7 @@ def test_checker_event_after_a_stop_in_the_same_pass_is_ignored():
         reloads.cancel()  # ...but the stop was handled first in that pass
         reloads.on_readable()
         assert not reloads.checking
-        assert waiter.answers == [{"ok": False, "error": "stopping"}]
+        assert waiter.answers == [ControlReply.failure("stopping")]
         assert checker.wait(timeout=10) == -signal.SIGKILL
     finally:
         os.close(write_fd)
@@ -919,7 +921,7 @@ def client_request(path: Path) -> Callable[[], str]:
 
     def action() -> str:
         try:
-            control_request(path, {"command": "status"}, timeout=5)
+            control_request(path, StatusRequest(), timeout=5)
         except ControlError as exc:
             return f"ControlError: {exc}"
         return "answered"
@@ -1014,3 +1016,31 @@ def test_status_stop_and_cli_errors(mpnet):
     assert not (server.directory / "control.sock").exists()
     result = mpnet_cli(server, "status")
     assert result.returncode == 1 and "is mpnet running?" in result.stderr
+
+
+def test_hostile_control_requests_get_an_error_and_the_master_carries_on(mpnet):
+    server = mpnet(config(["echo"], workers=1, echo_ports=[0]))
+    path = server.directory / "control.sock"
+    hostile = [
+        b"[" * 50_000 + b"\n",  # ended the master once (RecursionError in json.loads)
+        b"{" * 50_000 + b"\n",
+        b"\xff\xfe\x00garbage\n",
+        b'{"command": "workers", "count": 1e999}\n',
+        b'{"command": {"nested": [1, 2, 3]}}\n',
+        b"[]\n",
+    ]
+    for line in hostile:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        try:
+            sock.connect(str(path))
+            sock.sendall(line)
+            answer = b""
+            while not answer.endswith(b"\n") and (chunk := sock.recv(65536)):
+                answer += chunk
+        finally:
+            sock.close()
+        reply = json.loads(answer)
+        assert reply["ok"] is False and reply["error"], (line[:20], reply)
+    assert server.proc.poll() is None
+    assert control_request(path, StatusRequest(), timeout=10).status["workers"]

@@ -26,6 +26,7 @@ from harness import Client, config, run_mpnet, wait_for
 
 from mpnet.journal import StateFileError, Store, replay_journal
 from mpnet.pure.frames import FrameDecoder, decode_payload, encode
+from mpnet.pure.messages import from_wire, to_wire
 from mpnet.pure.replica import SharedError, run_atomic
 from mpnet.shared import SharedMaster
 from mpnet.workers.shared import SharedState
@@ -62,7 +63,9 @@ class Cluster:
         self.workers = []
         for index in range(workers):
             outbox: list[Any] = []
-            state = SharedState(lambda m, out=outbox: out.append(decode_payload(encode(m)[4:])), {})
+            state = SharedState(
+                lambda m, out=outbox: out.append(decode_payload(encode(to_wire(m))[4:])), {}
+            )
             state._pid = 1000 + index
             end = _MasterEnd()
             handle = SimpleNamespace(pid=state._pid, slot=index, channel=end)
@@ -77,17 +80,16 @@ class Cluster:
         w = self.workers[worker]
         take = len(w.outbox) if count is None else min(count, len(w.outbox))
         for message in w.outbox[:take]:
-            assert self.master.handle(w.handle, message, self.channels)
+            assert self.master.handle(w.handle, from_wire(message), self.channels)
         del w.outbox[:take]
         if tick:
             self.master.tick()
 
     def to_worker(self, worker: int, count: int | None = None) -> None:
         w = self.workers[worker]
-        handlers = w.state.message_handlers()
         take = len(w.end.inbox) if count is None else min(count, len(w.end.inbox))
         for message in w.end.inbox[:take]:
-            handlers[message[0]](message)
+            w.state.receive(from_wire(message))
         del w.end.inbox[:take]
 
     def settle(self) -> None:
@@ -367,7 +369,7 @@ def test_master_refuses_a_write_nested_deeper_than_a_module_may_write():
         ["bc", "topic", deep],
     ):
         with pytest.raises(TypeError, match="nested too deeply"):
-            cluster.master.handle(handle, message, cluster.channels)
+            cluster.master.handle(handle, from_wire(message), cluster.channels)
     cluster.master.tick()
     assert cluster.master.tables.get("t", {}) == {}
     assert cluster.workers[0].end.inbox == []
@@ -882,7 +884,7 @@ def test_atomics_are_sent_at_the_call_and_fail_when_the_channel_is_lost():
         table = state.table("t")
         future = table.incr("k")
         table["k"] = 5
-        assert [m[0] for m in sent] == ["sx", "sw"]
+        assert [type(m).__name__ for m in sent] == ["AtomicRequest", "SharedWrite"]
         state.fail_pending("channel lost")
         with pytest.raises(SharedError, match="channel lost"):
             await future

@@ -21,6 +21,7 @@ import pytest
 import mpnet.journal
 from mpnet.journal import StateFileError, Store, replay_journal
 from mpnet.pure.frames import decode_payload, encode
+from mpnet.pure.messages import from_wire, to_wire
 from mpnet.pure.replica import SharedError, apply_write, run_atomic
 from mpnet.workers.shared import SharedState, SharedTable
 
@@ -474,15 +475,16 @@ class Replica:
 
     def __init__(self, tables: dict[str, dict[Any, Any]] | None = None) -> None:
         self.sent: list[Any] = []
-        self.state = SharedState(self.sent.append, tables if tables is not None else {})
+        self.state = SharedState(
+            lambda m: self.sent.append(to_wire(m)), tables if tables is not None else {}
+        )
         self.table = self.state.table("t")
-        self.on_write = self.state.message_handlers()["sa"]
 
     def echo(self, message: list[Any], own: bool) -> None:
         """Feed back one of the collected writes as the master would sequence it."""
         _, name, op, args = message
         origin = os.getpid() if own else OTHER_PID
-        self.on_write(through_channel(["sa", origin, name, op, args]))
+        self.state.receive(from_wire(through_channel(["sa", origin, name, op, args])))
 
 
 def through_channel(message: Any) -> Any:
@@ -616,9 +618,8 @@ class SimWorker:
 
     def __init__(self) -> None:
         self.sent: list[Any] = []
-        self.state = SharedState(self.sent.append, {})
+        self.state = SharedState(lambda m: self.sent.append(to_wire(m)), {})
         self.table = self.state.table("t")
-        self.handlers = self.state.message_handlers()
         self.next = 0  # index of the next message in `sent` the master has not read yet
         self.inbox: deque[list[Any]] = deque()
         self.base: dict[Any, Any] = {}  # the master's table as far as this worker has heard
@@ -724,7 +725,7 @@ async def _simulate(
             apply_write(worker.base, op, args)
             if origin == os.getpid():
                 assert worker.unechoed.popleft() == [op, args]
-        worker.handlers[message[0]](message)
+        worker.state.receive(from_wire(message))
 
     def check(step: object) -> None:
         for index, worker in enumerate(workers):
@@ -781,7 +782,10 @@ def test_replicas_converge_with_atomics_and_clear() -> None:
 def test_atomic_requests_and_answers() -> None:
     async def main() -> None:
         replica = Replica()
-        handlers = replica.state.message_handlers()
+
+        def handlers_sr(raw: list[Any]) -> None:
+            replica.state.receive(from_wire(raw))
+
         table = replica.table
 
         incr = asyncio.ensure_future(table.incr("n", 5))
@@ -795,11 +799,11 @@ def test_atomic_requests_and_answers() -> None:
             ["sx", 3, "t", "pop", ["gone", "dflt"]],
             ["sx", 4, "t", "setdefault", ["s", [1]]],
         ]
-        handlers["sr"](["sr", 2, True, False])
-        handlers["sr"](["sr", 1, True, 5])
-        handlers["sr"](["sr", 3, True, "dflt"])
-        handlers["sr"](["sr", 4, False, "setdefault refused"])
-        handlers["sr"](["sr", 99, True, "unknown request: ignored"])
+        handlers_sr(["sr", 2, True, False])
+        handlers_sr(["sr", 1, True, 5])
+        handlers_sr(["sr", 3, True, "dflt"])
+        handlers_sr(["sr", 4, False, "setdefault refused"])
+        handlers_sr(["sr", 99, True, "unknown request: ignored"])
         assert await incr == 5
         assert await cas is False
         assert await pop == "dflt"
@@ -838,7 +842,10 @@ def test_broadcast_and_hooks(caplog: pytest.LogCaptureFixture) -> None:
             state.broadcast("room", {1, 2})
         with pytest.raises(TypeError):
             state.broadcast(b"room", None)  # type: ignore[arg-type]
-        on_broadcast = state.message_handlers()["be"]
+
+        def on_broadcast(raw: list[Any]) -> None:
+            state.receive(from_wire(raw))
+
         with caplog.at_level(logging.ERROR):
             on_broadcast(["be", "room", 1])
             on_broadcast(["be", "room", 2])

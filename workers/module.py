@@ -7,6 +7,8 @@ processes, never in the master.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import sys
 import traceback
@@ -19,6 +21,7 @@ from typing import Any
 from mpnet.pure.config import Config
 
 from .connection import Connection, Service, open_connection
+from .lifecycle import Hook, Timer, TimerCallback
 from .provider import (
     PROVIDER_FIELDS,
     SERVICE_NAME,
@@ -58,6 +61,9 @@ class Module:
         self.logger = logging.getLogger(f"mpnet.module.{name}")
         self._shared: SharedState | None = None
         self._outgoing: dict[int, Any] = {}
+        self.timers: set[Timer] = set()
+        self.ready_hooks: list[Hook] = []
+        self.unload_hooks: list[Hook] = []
 
     def __repr__(self) -> str:
         return f"<mpnet module {self.name!r} from {self.path}>"
@@ -128,6 +134,98 @@ class Module:
             return table[name]
         return self._config.values.get(name, default)
 
+    def _option_error(self, name: str, expected: str, value: Any) -> ModuleError:
+        return ModuleError(
+            f"module {self.name!r}: option {name!r} must be {expected}, not {value!r} "
+            f"(set it in the [{self.name}] table of the config)"
+        )
+
+    def get_option_number(
+        self,
+        name: str,
+        default: float | None = None,
+        *,
+        min: float | None = None,
+        max: float | None = None,
+    ) -> Any:
+        """A number option (an int stays an int; a numeric string is converted, as Prosody
+        does); :class:`ModuleError` naming the key if it is not one or is out of range."""
+        value = self.get_option(name, default)
+        if value is None:
+            return None
+        number: Any = value
+        if isinstance(value, str):
+            try:
+                number = int(value)
+            except ValueError:
+                try:
+                    number = float(value)
+                except ValueError:
+                    raise self._option_error(name, "a number", value) from None
+        if type(number) not in (int, float) or number != number:
+            raise self._option_error(name, "a number", value)
+        if min is not None and number < min:
+            raise self._option_error(name, f"at least {min:g}", value)
+        if max is not None and number > max:
+            raise self._option_error(name, f"at most {max:g}", value)
+        return number
+
+    def get_option_boolean(self, name: str, default: bool | None = None) -> bool | None:
+        """A boolean option (also the strings yes/no, on/off, true/false, 1/0, as Prosody)."""
+        value = self.get_option(name, default)
+        if value is None or type(value) is bool:
+            return value
+        words = {"true": True, "yes": True, "on": True, "1": True}
+        words.update({"false": False, "no": False, "off": False, "0": False})
+        if isinstance(value, (str, int)) and str(value).lower() in words:
+            return words[str(value).lower()]
+        raise self._option_error(name, "true or false", value)
+
+    def get_option_string(self, name: str, default: str | None = None) -> str | None:
+        """A string option; :class:`ModuleError` naming the key for anything else."""
+        value = self.get_option(name, default)
+        if value is None or isinstance(value, str):
+            return value
+        raise self._option_error(name, "a string", value)
+
+    def get_option_array(self, name: str, default: list[Any] | None = None) -> list[Any] | None:
+        """A list option; a single value counts as a list of one, as in Prosody."""
+        value = self.get_option(name, default)
+        if value is None or isinstance(value, list):
+            return value
+        if isinstance(value, (str, int, float, bool)):
+            return [value]
+        raise self._option_error(name, "a list", value)
+
+    # -- lifecycle (see mpnet.workers.lifecycle) --------------------------------------------
+
+    def add_timer(self, delay: float, callback: TimerCallback) -> Timer:
+        """Call *callback* after *delay* seconds, then again after each number it returns (a
+        one-shot timer returns None). Returns the :class:`Timer`; ``timer.stop()`` cancels it.
+        Timers stop when the worker stops. In the checker, which never serves, none starts."""
+        if type(delay) not in (int, float) or delay < 0:
+            raise TypeError(f"add_timer: delay must be a number of seconds >= 0, not {delay!r}")
+        if not callable(callback):
+            raise TypeError("add_timer: the callback must be callable")
+        timer = Timer(float(delay), callback, self.logger, self.timers)
+        self.timers.add(timer)
+        with contextlib.suppress(RuntimeError):  # no loop (the checker): nothing ever fires
+            timer.start(asyncio.get_running_loop())
+        return timer
+
+    def on_ready(self, hook: Hook) -> None:
+        """Run *hook()* once the worker's loop runs and its sockets accept."""
+        if not callable(hook):
+            raise TypeError("on_ready: the hook must be callable")
+        self.ready_hooks.append(hook)
+
+    def on_unload(self, hook: Hook) -> None:
+        """Run *hook()* when the worker stops (graceful stop, reload, fewer workers), before
+        its connections are closed: flush what must be kept, tell clients goodbye."""
+        if not callable(hook):
+            raise TypeError("on_unload: the hook must be callable")
+        self.unload_hooks.append(hook)
+
     def shared(self, name: str) -> SharedTable:
         """A table every worker sees (see :mod:`mpnet.workers.shared`)."""
         return self._require_shared().table(name)
@@ -176,6 +274,17 @@ class LoadedModules:
     @property
     def providers(self) -> list[Provider]:
         return [provider for module in self.modules for provider in module.providers]
+
+    def ready_hooks(self) -> list[tuple[Hook, logging.Logger]]:
+        return [(hook, m.logger) for m in self.modules for hook in m.ready_hooks]
+
+    def unload_hooks(self) -> list[tuple[Hook, logging.Logger]]:
+        return [(hook, m.logger) for m in self.modules for hook in m.unload_hooks]
+
+    def stop_timers(self) -> None:
+        for module in self.modules:
+            for timer in list(module.timers):
+                timer.stop()
 
     def describe(self) -> list[dict[str, Any]]:
         """Every service as plain data, the framework's multiplex services included when a

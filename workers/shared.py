@@ -1,27 +1,27 @@
 """A worker's side of the shared tables: replicas read locally, writes sent to the master,
 atomic operations awaited, broadcasts delivered to hooks.
 
-Protocol (plain-data lists on the channel):
+Protocol (records of :mod:`mpnet.pure.messages` on the channel):
 
 worker -> master
-    ``["sw", table, op, args]``          a write already applied locally (set, del, clear, update)
-    ``["sx", request, table, op, args]`` an atomic operation decided by the master (incr,
-                                         setdefault, cas, pop, delete_if); answered with ``sr``
-    ``["bc", topic, payload]``           a broadcast
+    ``SharedWrite``     a write already applied locally (set, del, clear, update)
+    ``AtomicRequest``   an atomic operation decided by the master (incr, setdefault, cas, pop,
+                        delete_if); answered with ``AtomicResult``
+    ``Broadcast``       a broadcast
 master -> every worker
-    ``["sa", origin_pid, table, op, args]`` a sequenced write (its *effect*: atomics arrive as
-                                         set/del with the master's result, with origin 0)
-    ``["be", topic, payload]``           a broadcast, in the master's order
+    ``SequencedWrite``  a write in the master's order (its *effect*: atomics arrive as set/del
+                        with the master's result, with origin 0)
+    ``BroadcastEvent``  a broadcast, in the master's order
 master -> one worker
-    ``["sr", request, ok, value]``       the answer to an atomic operation
+    ``AtomicResult``    the answer to an atomic operation
 
 How a replica merges sequenced writes with its own is in :mod:`mpnet.pure.replica`.
 
 Atomic operations are sent when they are *called* (they return an awaitable future), so they keep
 program order with plain writes made after them. Their effect is broadcast with origin 0: it is
-never one of the requesting worker's pending writes. The answer (``sr``) follows the effect on the
-same channel, so once ``await table.incr(k)`` returns, the local replica shows that value (or a
-later local write).
+never one of the requesting worker's pending writes. The answer (``AtomicResult``) follows the
+effect on the same channel, so once ``await table.incr(k)`` returns, the local replica shows that
+value (or a later local write).
 
 Values are plain data (None, bool, int, float, str, bytes, list, dict); anything else raises
 ``TypeError`` in the writing module, at the write. Treat values read from a table as immutable:
@@ -44,6 +44,16 @@ import os
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from typing import Any
 
+from mpnet.pure.messages import (
+    AtomicRequest,
+    AtomicResult,
+    Broadcast,
+    BroadcastEvent,
+    ChannelError,
+    Message,
+    SequencedWrite,
+    SharedWrite,
+)
 from mpnet.pure.replica import Replica, SharedError, check_key
 from mpnet.pure.values import check_plain
 
@@ -84,7 +94,7 @@ class SharedTable(MutableMapping[Any, Any]):
         # Sent before the local change: if the message cannot be sent (e.g. it exceeds the
         # channel's frame limit) the replica must stay as it was. The echo cannot overtake us:
         # it arrives through the event loop, after this call returns.
-        self._state._send(["sw", self.name, op, args])
+        self._state._send(SharedWrite(self.name, op, args))
         self._replica.wrote(keys)
 
     def __setitem__(self, key: Any, value: Any) -> None:
@@ -100,7 +110,7 @@ class SharedTable(MutableMapping[Any, Any]):
         del self._data[key]
 
     def clear(self) -> None:
-        self._state._send(["sw", self.name, "clear", []])
+        self._state._send(SharedWrite(self.name, "clear", []))
         self._replica.cleared()
 
     def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
@@ -156,7 +166,7 @@ class SharedTable(MutableMapping[Any, Any]):
 class SharedState:
     """A worker's replicas of the shared tables, plus broadcasts and pending atomic requests."""
 
-    def __init__(self, send: Callable[[Any], None], tables: dict[str, dict[Any, Any]]) -> None:
+    def __init__(self, send: Callable[[Message], None], tables: dict[str, dict[Any, Any]]) -> None:
         self._channel_send = send
         self._lost: str | None = None  # why the channel to the master is gone, once it is
         self._pid = os.getpid()
@@ -180,12 +190,12 @@ class SharedState:
         if not isinstance(topic, str):
             raise TypeError("broadcast topics are strings")
         check_plain(payload)
-        self._send(["bc", topic, payload])
+        self._send(Broadcast(topic, payload))
 
     def hook(self, topic: str, handler: Callable[[Any], Any], owner: str = "") -> None:
         self._hooks.setdefault(topic, []).append((handler, owner))
 
-    def _send(self, message: list[Any]) -> None:
+    def _send(self, message: Message) -> None:
         """Send to the master, or raise :class:`SharedError` once the channel is gone: a write
         or request nobody will ever order or answer must fail at the call, not hang or vanish."""
         if self._lost is not None:
@@ -197,7 +207,7 @@ class SharedState:
         check_key(args[0])
         future = asyncio.get_running_loop().create_future()
         request = next(self._request_ids)
-        self._send(["sx", request, table, op, args])
+        self._send(AtomicRequest(request, table, op, args))
         self._requests[request] = future
         return future
 
@@ -211,15 +221,23 @@ class SharedState:
             if not future.done():
                 future.set_exception(SharedError(self._lost))
 
-    def message_handlers(self) -> dict[str, Callable[[list[Any]], None]]:
-        return {"sa": self._on_write, "sr": self._on_result, "be": self._on_broadcast}
+    def receive(self, message: Message) -> None:
+        """Take in a message from the master (every kind it sends is about shared state)."""
+        if isinstance(message, SequencedWrite):
+            self._on_write(message)
+        elif isinstance(message, AtomicResult):
+            self._on_result(message)
+        elif isinstance(message, BroadcastEvent):
+            self._on_broadcast(message)
+        else:
+            raise ChannelError(f"{type(message).__name__} is not a message the master sends")
 
-    def _on_write(self, message: list[Any]) -> None:
-        _, origin, name, op, args = message
+    def _on_write(self, message: SequencedWrite) -> None:
+        origin, name, op, args = message
         self.table(name)._replica.apply(origin == self._pid, op, args)
 
-    def _on_result(self, message: list[Any]) -> None:
-        _, request, ok, value = message
+    def _on_result(self, message: AtomicResult) -> None:
+        request, ok, value = message
         future = self._requests.pop(request, None)
         if future is None or future.done():
             return
@@ -228,8 +246,8 @@ class SharedState:
         else:
             future.set_exception(SharedError(value))
 
-    def _on_broadcast(self, message: list[Any]) -> None:
-        _, topic, payload = message
+    def _on_broadcast(self, message: BroadcastEvent) -> None:
+        topic, payload = message
         for handler, owner in self._hooks.get(topic, ()):
             try:
                 result = handler(payload)

@@ -27,9 +27,21 @@ from mpnet import log as mpnet_log
 from mpnet.fdlimit import default_max_connections
 from mpnet.privileges import become_service_user
 from mpnet.pure.config import Config, ConfigError
+from mpnet.pure.messages import (
+    BootError,
+    ChannelError,
+    Heartbeat,
+    Message,
+    NotAccepting,
+    Ready,
+    Stopped,
+    from_wire,
+    to_wire,
+)
 
 from .channel import WorkerChannel
 from .connection import Service, ServiceSettings, WorkerCounters
+from .lifecycle import run_ready_hooks, run_unload_hooks
 from .module import LoadedModules, ModuleError, load_modules
 from .multiplex import MULTIPLEX_SERVICES, MultiplexService, Rules
 from .shared import SharedState
@@ -50,6 +62,7 @@ EXIT_BOOT_ERROR = 3
 HEARTBEAT_INTERVAL = 1.0
 SWEEP_INTERVAL = 1.0
 SHUTDOWN_REASON = "server shutting down"
+UNLOAD_TIMEOUT_QUICK = 1.0  # what on_unload hooks get in a quick stop (graceful_timeout otherwise)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -93,8 +106,6 @@ class Worker:
         )
         self.counters = WorkerCounters()
         self._graceful_timeout = float(config["graceful_timeout"])
-        self._message_handlers: dict[str, Any] = {"stop": self._on_stop_message}
-        self._message_handlers.update(self.shared.message_handlers())
 
     # -- process entry ------------------------------------------------------------------------
 
@@ -134,7 +145,7 @@ class Worker:
             await self._boot()
         except (ModuleError, ConfigError) as exc:
             log.error("%s", exc)
-            self.send(["boot_error", str(exc)])
+            self.send(BootError(str(exc)))
             await self._flush_channel()
             return EXIT_BOOT_ERROR
         self._tasks.append(asyncio.ensure_future(self._heartbeat()))
@@ -142,7 +153,7 @@ class Worker:
         for task in self._tasks:
             task.cancel()
         await self._shutdown(mode)
-        self.send(["stopped", self.served()])
+        self.send(Stopped(self.served()))
         await self._flush_channel()
         return EXIT_OK
 
@@ -187,8 +198,9 @@ class Worker:
                 self.servers.append(server)
         loop.set_exception_handler(_exception_handler)
         self._tasks.append(asyncio.ensure_future(self._sweep()))
-        self.send(["ready", os.getpid(), self.generation])
+        self.send(Ready(os.getpid(), self.generation))
         log.debug("serving %s", ", ".join(self.services) or "nothing")
+        self._tasks.extend(run_ready_hooks(self.modules.ready_hooks()))
 
     async def _sweep(self) -> None:
         """Timeouts, found once a second rather than by a timer per connection."""
@@ -200,9 +212,9 @@ class Worker:
 
     # -- channel ------------------------------------------------------------------------------
 
-    def send(self, message: Any) -> None:
+    def send(self, message: Message) -> None:
         if self.channel is not None:
-            self.channel.send(message)
+            self.channel.send(to_wire(message))
 
     async def _flush_channel(self) -> None:
         """Give queued channel messages (``boot_error``, ``stopped``) a moment to leave."""
@@ -213,18 +225,11 @@ class Worker:
         while transport and transport.get_write_buffer_size() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
-    def _on_message(self, message: Any) -> None:
+    def _on_message(self, raw: Any) -> None:
         try:
-            handler = self._message_handlers[message[0]]
-        except (KeyError, IndexError, TypeError):
-            log.error("unknown message from master: %r", message)
-            return
-        handler(message)
-
-    def _on_stop_message(self, message: list[Any]) -> None:
-        if len(message) > 2 and message[2] is not None:
-            self._graceful_timeout = float(message[2])
-        self.request_stop(message[1])
+            self.shared.receive(from_wire(raw))
+        except ChannelError as exc:
+            log.error("unexpected message from master (%s): %.80r", exc, raw)
 
     def _on_channel_lost(self, reason: str) -> None:
         self.shared.fail_pending(reason)  # nobody will answer the atomics in flight
@@ -254,7 +259,7 @@ class Worker:
 
     async def _heartbeat(self) -> None:
         while True:
-            self.send(["heartbeat", self.open_connections(), self.served(), *self.refusals()])
+            self.send(Heartbeat(self.open_connections(), self.served(), *self.refusals()))
             await asyncio.sleep(self._heartbeat_interval)
 
     # -- stopping -----------------------------------------------------------------------------
@@ -286,7 +291,11 @@ class Worker:
         for server in self.servers:
             server.close()
         await _accepted_connections_announced()
-        self.send(["not_accepting"])  # a reload is complete only once old workers stop accepting
+        self.send(NotAccepting())  # a reload is complete only once old workers stop accepting
+        if self.modules is not None:
+            timeout = self._graceful_timeout if mode == "graceful" else UNLOAD_TIMEOUT_QUICK
+            await run_unload_hooks(self.modules.unload_hooks(), timeout)
+            self.modules.stop_timers()
         if mode == "graceful" and self.open_connections():
             log.info(
                 "stopping: waiting up to %gs for %d connection(s)",

@@ -17,17 +17,16 @@ from typing import Any
 
 import msgpack
 
+from .messages import ChannelError
 from .values import KEY_TYPES, MAX_DEPTH, check_plain
+
+__all__ = ["MAX_FRAME", "ChannelError", "FrameDecoder", "decode_payload", "encode"]
 
 MAX_FRAME = 64 * 1024 * 1024
 """Largest frame either side accepts; a bigger length prefix is a protocol error."""
 
 _LEN = struct.Struct(">I")
 _INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1  # what msgpack's int formats hold
-
-
-class ChannelError(Exception):
-    """A frame or value that breaks the channel protocol; the peer that sent it is cut off."""
 
 
 _BIG_INT = 1

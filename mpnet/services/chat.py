@@ -35,7 +35,6 @@ however it arrives. A client that does not read what it is sent, so that more th
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import traceback
@@ -43,9 +42,9 @@ from typing import Any
 
 import psutil
 
-MAX_LINE = int(module.get_option("max_line", 1024))
-MAX_BUFFERED = int(module.get_option("max_buffered", 1024 * 1024))
-STALE_SWEEP = float(module.get_option("stale_sweep", 5.0))
+MAX_LINE = module.get_option_number("max_line", 1024, min=1)
+MAX_BUFFERED = module.get_option_number("max_buffered", 1024 * 1024, min=1)
+STALE_SWEEP = module.get_option_number("stale_sweep", 5.0, min=0.01)
 MAX_NICK = 32
 
 TOPIC = "chat"
@@ -161,13 +160,12 @@ async def sweep_stale() -> None:
             announce_lost(entry)
 
 
-async def sweeper() -> None:
-    while True:
-        try:
-            await sweep_stale()
-        except Exception:
-            module.log("error", "stale nick sweep failed:\n%s", traceback.format_exc())
-        await asyncio.sleep(STALE_SWEEP)
+async def sweeper() -> float:
+    try:
+        await sweep_stale()
+    except Exception:
+        module.log("error", "stale nick sweep failed:\n%s", traceback.format_exc())
+    return STALE_SWEEP  # run again after that long
 
 
 # -- room events --------------------------------------------------------------------------------
@@ -332,10 +330,4 @@ class listener:
 
 
 module.provides("net", name="chat", listener=listener, default_port=5434)
-
-try:
-    _loop = asyncio.get_running_loop()  # in a worker; the checker loads modules without one
-except RuntimeError:
-    _loop = None
-if _loop is not None:
-    _sweeper = _loop.create_task(sweeper())
+module.add_timer(0, sweeper)

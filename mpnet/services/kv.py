@@ -52,10 +52,10 @@ from mpnet.pure.frames import ChannelError
 from mpnet.pure.replica import SharedError
 from mpnet.pure.resp import RespParser, RespProtocolError, encode_bulk, encode_error, encode_integer
 
-TABLE = module.get_option("table", "kv")
-MAX_VALUE_SIZE = int(module.get_option("max_value_size", 32 * 1024 * 1024))
-EXPIRE_INTERVAL = float(module.get_option("expire_interval", 0.1))
-EXPIRE_BATCH = int(module.get_option("expire_batch", 200))
+TABLE = module.get_option_string("table", "kv")
+MAX_VALUE_SIZE = module.get_option_number("max_value_size", 32 * 1024 * 1024, min=1)
+EXPIRE_INTERVAL = module.get_option_number("expire_interval", 0.1, min=0.001)
+EXPIRE_BATCH = module.get_option_number("expire_batch", 200, min=1)
 
 data = module.shared(TABLE)
 expires = module.shared(f"{TABLE}:expires")
@@ -808,36 +808,35 @@ module.provides("net", name="kv", listener=listener, default_port=6380)
 # -- active expiry ------------------------------------------------------------------------------
 
 
-async def sweep_expired() -> None:
-    """Every ``expire_interval`` seconds, look at up to ``expire_batch`` indexed keys (in a
-    random order of this worker's own) and delete the expired ones; drop stale index entries."""
-    backlog: list[Any] = []
-    while True:
-        await asyncio.sleep(EXPIRE_INTERVAL)
-        try:
-            if not backlog:
-                if not expires:
-                    continue
-                backlog = list(expires)
-                random.shuffle(backlog)
-            now = now_ms()
-            batch, backlog = backlog[:EXPIRE_BATCH], backlog[EXPIRE_BATCH:]
-            for key in batch:
-                deadline = expires.get(key)
-                if deadline is None or deadline > now:
-                    continue
-                entry = data.get(key)
-                if entry.__class__ is list and entry[1] <= now:
-                    expire_entry(key, entry)
-                elif not (entry.__class__ is list and entry[1] == deadline):
-                    expires.delete_if(key, deadline).add_done_callback(_consume)
-        except Exception:
-            module.log("error", "expiry sweep failed:\n%s", traceback.format_exc())
+_expiry_backlog: list[Any] = []
 
 
-try:
-    _loop = asyncio.get_running_loop()  # in a worker; the checker loads modules without one
-except RuntimeError:
-    _loop = None
-if _loop is not None:
-    _sweeper = _loop.create_task(sweep_expired())
+def sweep_expired() -> float:
+    """Every ``expire_interval`` seconds (a module timer), look at up to ``expire_batch`` indexed
+    keys (in a random order of this worker's own) and delete the expired ones; drop stale index
+    entries."""
+    global _expiry_backlog
+    try:
+        if not _expiry_backlog:
+            if not expires:
+                return EXPIRE_INTERVAL
+            _expiry_backlog = list(expires)
+            random.shuffle(_expiry_backlog)
+        now = now_ms()
+        batch = _expiry_backlog[:EXPIRE_BATCH]
+        _expiry_backlog = _expiry_backlog[EXPIRE_BATCH:]
+        for key in batch:
+            deadline = expires.get(key)
+            if deadline is None or deadline > now:
+                continue
+            entry = data.get(key)
+            if entry.__class__ is list and entry[1] <= now:
+                expire_entry(key, entry)
+            elif not (entry.__class__ is list and entry[1] == deadline):
+                expires.delete_if(key, deadline).add_done_callback(_consume)
+    except Exception:
+        module.log("error", "expiry sweep failed:\n%s", traceback.format_exc())
+    return EXPIRE_INTERVAL
+
+
+module.add_timer(EXPIRE_INTERVAL, sweep_expired)

@@ -16,13 +16,13 @@ bounded whatever the peers do.
 
 HIGH_WATER = 64 * 1024  # the framework's own write high-water mark: ondrain fires after it
 
-target = module.get_option("target")
-if not isinstance(target, str) or ":" not in target:
+target = module.get_option_string("target")
+if target is None or ":" not in target:
     raise ValueError('set [proxy] target = "host:port" in the config')
 target_host, _, target_port = target.rpartition(":")
 target_host = target_host.strip("[]")
 target_port = int(target_port)
-connect_timeout = float(module.get_option("connect_timeout", 10))
+connect_timeout = module.get_option_number("connect_timeout", 10, min=0)
 
 peers = {}  # client <-> upstream, both directions
 
