@@ -140,7 +140,7 @@ class ControlServer:
 
     def accept(self) -> list[_Client]:
         """Accept waiting peers; refuse strangers at once. Returns the new clients."""
-        accepted = []
+        accepted: list[_Client] = []
         while True:
             try:
                 conn, _ = self.sock.accept()

@@ -121,6 +121,11 @@ def adopt(fd: int) -> None:
         os.close(fd)
 
 
-def set_role(role: str) -> None:
+def role() -> str:
+    """Which process this is, as log lines show it: ``master``, ``worker <slot>``, ``checker``."""
+    return _role
+
+
+def set_role(name: str) -> None:
     global _role
-    _role = role
+    _role = name

@@ -88,8 +88,7 @@ class SharedMaster:
 
     def handle(self, handle: Any, message: Message, channels: list[tuple[Any, Any]]) -> bool:
         """Process one shared-state message from a worker; False if it is not one."""
-        kind = type(message)
-        if kind is SharedWrite:
+        if isinstance(message, SharedWrite):
             name, op, args = message
             if op not in WRITE_ARITY:
                 raise ChannelError(f"bad shared write {op!r}")
@@ -97,7 +96,7 @@ class SharedMaster:
                 raise ChannelError(f"bad arguments for shared write {op!r}")
             check_plain(args)  # the codec decodes deeper nesting than a module may write
             self._write(handle.pid, name, op, args, channels)
-        elif kind is AtomicRequest:
+        elif isinstance(message, AtomicRequest):
             request, name, op, args = message
             if not args:
                 raise ChannelError("bad atomic request")
@@ -114,7 +113,7 @@ class SharedMaster:
             else:
                 # Origin 0: the effect is not one of the requester's pending plain writes.
                 self._write(0, name, effect[0], effect[1], channels, handle, reply)
-        elif kind is Broadcast:
+        elif isinstance(message, Broadcast):
             topic, payload = message
             check_plain(payload)
             frame = _frame(BroadcastEvent(topic, payload))

@@ -304,6 +304,10 @@ class HostPort(Protocol):
     def port(self) -> int: ...
 
 
+_AddressFamily = socket.AddressFamily  # the dataclass field below is called "socket"
+_SocketKind = socket.SocketKind
+
+
 @dataclass(frozen=True, eq=False)
 class ActivatedSocket:
     """One listening socket received through socket activation.
@@ -324,12 +328,12 @@ class ActivatedSocket:
     socket: socket.socket
 
     @property
-    def family(self) -> socket.AddressFamily:
+    def family(self) -> _AddressFamily:
         """Address family detected from the descriptor."""
         return self.socket.family
 
     @property
-    def type(self) -> socket.SocketKind:
+    def type(self) -> _SocketKind:
         """Socket type (``SOCK_STREAM``, ``SOCK_DGRAM``, ...) detected from the descriptor."""
         return self.socket.type
 

@@ -9,18 +9,26 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import re
+import select
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
+
+from mpnet.controlclient import ControlError
+from mpnet.controlclient import request as control_request
+from mpnet.pure.controlproto import StatusRequest
 
 DEADLINE = 20.0
 
@@ -314,3 +322,172 @@ def _toml(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
     return str(value)
+
+
+# -- helpers several test modules share ----------------------------------------------------
+
+
+def as_nobody(action: Callable[[], str], timeout: float = 10.0) -> str:
+    """Run *action* in a forked child that became ``nobody``; return what it returned."""
+    nobody = pwd.getpwnam("nobody")
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only modules already imported, then _exit
+        try:
+            os.close(read_fd)
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            result = action()
+        except BaseException as exc:
+            result = f"child failed: {exc!r}"
+        os.write(write_fd, result.encode())
+        os._exit(0)
+    os.close(write_fd)
+    output = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"the child running as nobody did not finish: {output!r}")
+            ready, _, _ = select.select([read_fd], [], [], remaining)
+            if ready:
+                chunk = os.read(read_fd, 65536)
+                if not chunk:
+                    break
+                output += chunk
+    finally:
+        os.close(read_fd)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    return output.decode()
+
+
+def client_request(path: Path) -> Callable[[], str]:
+    """What ``mpnet status`` does (``controlclient.request``), as the refused user would run it."""
+
+    def action() -> str:
+        try:
+            control_request(path, StatusRequest(), timeout=5)
+        except ControlError as exc:
+            return f"ControlError: {exc}"
+        return "answered"
+
+    return action
+
+
+def connect_to_each_worker(port: int, pids: set[int]) -> dict[int, Client]:
+    """One connection to every worker (SO_REUSEPORT picks the worker by hash: try until)."""
+    clients: dict[int, Client] = {}
+
+    def more() -> bool:
+        client = Client(port)
+        pid = int(client.read_until(b"\n"))
+        if pid in clients:
+            client.close()
+        else:
+            clients[pid] = client
+        return set(clients) >= pids
+
+    wait_for(more, what="a connection to every worker")
+    return clients
+
+
+def mpnet_cli(server: Server, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_mpnet(server.directory, *args, "-c", str(server.config_path), timeout=30)
+
+
+def worker_pids(server: Server) -> set[int]:
+    """The live workers' pids. (The harness's Server.worker_pids() raises if a worker exits
+    between psutil's children() and status(), which happens during reloads.)"""
+    try:
+        children = psutil.Process(server.pid).children()
+    except psutil.NoSuchProcess:
+        return set()
+    pids = set()
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if child.status() != psutil.STATUS_ZOMBIE:
+                pids.add(child.pid)
+    server.known_pids.update(pids)
+    return pids
+
+
+def settled(server: Server, count: int) -> set[int]:
+    """Wait until exactly *count* workers run, all ready and of the current generation (none
+    draining or exiting); return their pids."""
+
+    def check() -> set[int] | None:
+        current = status(server)
+        workers = current["workers"]
+        pids = {w["pid"] for w in workers}
+        if len(workers) == count and all(
+            w["state"] == "ready" and w["generation"] == current["generation"] for w in workers
+        ):
+            return pids if worker_pids(server) == pids else None
+        return None
+
+    return wait_for(check, what=f"{count} settled workers")
+
+
+def status(server: Server) -> dict:
+    configured = tomllib.loads(server.config_path.read_text())["control_socket"]
+    path = server.directory / configured  # an absolute path stays as it is
+    return control_request(path, StatusRequest(), timeout=10).status
+
+
+class BioClient:
+    """A TLS client driven through memory BIOs over a plain socket, so that the test decides
+    what each send holds: here a PROXY header and the ClientHello in one segment."""
+
+    def __init__(self, sock: socket.socket, cafile: Path) -> None:
+        self.sock = sock
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        context = ssl.create_default_context(cafile=str(cafile))
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+        self.plain = b""
+
+    def client_hello(self) -> bytes:
+        with contextlib.suppress(ssl.SSLWantReadError):
+            self.tls.do_handshake()
+        return self.outgoing.read()
+
+    def _pump(self, deadline: float) -> None:
+        """Send what TLS wants sent, then wait for bytes from the server."""
+        if self.outgoing.pending:
+            self.sock.sendall(self.outgoing.read())
+        self.sock.settimeout(max(deadline - time.monotonic(), 0.01))
+        data = self.sock.recv(65536)
+        if not data:
+            raise AssertionError("the server closed the connection")
+        self.incoming.write(data)
+
+    def handshake(self, timeout: float = 10.0, flush: bool = True) -> None:
+        """Complete the handshake; with *flush* False, the client's last flight stays queued
+        (to go out with what is sent next)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._pump(deadline)
+        if flush and self.outgoing.pending:
+            self.sock.sendall(self.outgoing.read())
+
+    def send(self, data: bytes) -> None:
+        self.tls.write(data)
+        self.sock.sendall(self.outgoing.read())
+
+    def read_until(self, marker: bytes, timeout: float = 10.0) -> bytes:
+        deadline = time.monotonic() + timeout
+        while marker not in self.plain:
+            try:
+                self.plain += self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                self._pump(deadline)
+        index = self.plain.index(marker) + len(marker)
+        data, self.plain = self.plain[:index], self.plain[index:]
+        return data

@@ -50,7 +50,7 @@ def test_parsers_import_nothing_heavy(name: str) -> None:
 def test_the_public_api_is_importable_from_the_top() -> None:
     loaded = imported_after(
         "from mpnet import ConfigError, Connection, Listener, Module, ModuleError, "
-        "SharedError, SharedTable"
+        "SharedError, SharedTable, SharedValueTooLarge"
     )
     assert "mpnet.workers.module" in loaded
 

@@ -207,7 +207,7 @@ def test_module_failing_only_in_workers_does_not_restart_loop(mpnet, write_modul
     path = write_module(
         "flaky",
         "import os\n"
-        "if os.environ.get('MPNET_TEST_CHECKER') is None and __import__('mpnet.log').log._role"
+        "if os.environ.get('MPNET_TEST_CHECKER') is None and __import__('mpnet.log').log.role()"
         " != 'checker':\n"
         "    raise RuntimeError('worker-only failure')\n"
         "class listener:\n"

@@ -11,9 +11,7 @@ import contextlib
 import datetime
 import json
 import os
-import pwd
 import re
-import select
 import shutil
 import signal
 import socket
@@ -23,14 +21,26 @@ import sys
 import tempfile
 import threading
 import time
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
 import psutil
 import pytest
-from harness import Client, Server, config, run_mpnet, wait_for
+from harness import (
+    Client,
+    Server,
+    as_nobody,
+    client_request,
+    config,
+    connect_to_each_worker,
+    mpnet_cli,
+    run_mpnet,
+    settled,
+    status,
+    wait_for,
+    worker_pids,
+)
 
 from mpnet.checker import Check
 from mpnet.controlclient import ControlError
@@ -66,12 +76,6 @@ def greeting(port: int) -> tuple[int, int]:
     return int(version[1:]), int(pid)
 
 
-def status(server: Server) -> dict:
-    configured = tomllib.loads(server.config_path.read_text())["control_socket"]
-    path = server.directory / configured  # an absolute path stays as it is
-    return control_request(path, StatusRequest(), timeout=10).status
-
-
 def ready_workers(server: Server) -> list[dict]:
     current = status(server)
     return [
@@ -79,43 +83,6 @@ def ready_workers(server: Server) -> list[dict]:
         for w in current["workers"]
         if w["state"] == "ready" and w["generation"] == current["generation"]
     ]
-
-
-def worker_pids(server: Server) -> set[int]:
-    """The live workers' pids. (The harness's Server.worker_pids() raises if a worker exits
-    between psutil's children() and status(), which happens during reloads.)"""
-    try:
-        children = psutil.Process(server.pid).children()
-    except psutil.NoSuchProcess:
-        return set()
-    pids = set()
-    for child in children:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            if child.status() != psutil.STATUS_ZOMBIE:
-                pids.add(child.pid)
-    server.known_pids.update(pids)
-    return pids
-
-
-def settled(server: Server, count: int) -> set[int]:
-    """Wait until exactly *count* workers run, all ready and of the current generation (none
-    draining or exiting); return their pids."""
-
-    def check() -> set[int] | None:
-        current = status(server)
-        workers = current["workers"]
-        pids = {w["pid"] for w in workers}
-        if len(workers) == count and all(
-            w["state"] == "ready" and w["generation"] == current["generation"] for w in workers
-        ):
-            return pids if worker_pids(server) == pids else None
-        return None
-
-    return wait_for(check, what=f"{count} settled workers")
-
-
-def mpnet_cli(server: Server, *args: str) -> subprocess.CompletedProcess[str]:
-    return run_mpnet(server.directory, *args, "-c", str(server.config_path), timeout=30)
 
 
 # -- reload -------------------------------------------------------------------------------------
@@ -294,7 +261,7 @@ def test_control_socket_keeps_answering_while_workers_come_and_go(mpnet):
 
 SLOW_CHECK_MODULE = """\
 import os, time
-if __import__("mpnet.log").log._role == "checker" and os.path.exists({flag!r}):
+if __import__("mpnet.log").log.role() == "checker" and os.path.exists({flag!r}):
     time.sleep(3)  # a slow import, in the reload's throwaway checker only
 class listener:
     def onconnect(conn):
@@ -322,7 +289,7 @@ def test_slow_reload_check_does_not_kill_healthy_workers(mpnet, write_module, tm
 
 SLOW_COUNTER_MODULE = """\
 import os, time
-if __import__("mpnet.log").log._role == "checker" and os.path.exists({flag!r}):
+if __import__("mpnet.log").log.role() == "checker" and os.path.exists({flag!r}):
     time.sleep({delay})  # a slow import, in the reload's throwaway checker only
 counters = module.shared("counters")
 class listener:
@@ -650,23 +617,6 @@ module.provides("net", listener=listener, default_port=0)
 """
 
 
-def connect_to_each_worker(port: int, pids: set[int]) -> dict[int, Client]:
-    """One connection to every worker (SO_REUSEPORT picks the worker by hash: try until)."""
-    clients: dict[int, Client] = {}
-
-    def more() -> bool:
-        client = Client(port)
-        pid = int(client.read_until(b"\n"))
-        if pid in clients:
-            client.close()
-        else:
-            clients[pid] = client
-        return set(clients) >= pids
-
-    wait_for(more, what="a connection to every worker")
-    return clients
-
-
 def test_blocked_loop_is_killed_with_its_traceback(mpnet, write_module):
     # worker_timeout = 2, not 1: a worker sends its heartbeat every 1.0 s whatever
     # worker_timeout is (mpnet/worker.py HEARTBEAT_INTERVAL), so with 1 s a healthy idle worker
@@ -856,44 +806,6 @@ def test_worker_above_max_worker_memory_is_recycled_gracefully(mpnet, write_modu
 # -- control socket -----------------------------------------------------------------------------
 
 
-def as_nobody(action: Callable[[], str], timeout: float = 10.0) -> str:
-    """Run *action* in a forked child that became ``nobody``; return what it returned."""
-    nobody = pwd.getpwnam("nobody")
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: only modules already imported, then _exit
-        try:
-            os.close(read_fd)
-            os.setgroups([])
-            os.setgid(nobody.pw_gid)
-            os.setuid(nobody.pw_uid)
-            result = action()
-        except BaseException as exc:
-            result = f"child failed: {exc!r}"
-        os.write(write_fd, result.encode())
-        os._exit(0)
-    os.close(write_fd)
-    output = b""
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"the child running as nobody did not finish: {output!r}")
-            ready, _, _ = select.select([read_fd], [], [], remaining)
-            if ready:
-                chunk = os.read(read_fd, 65536)
-                if not chunk:
-                    break
-                output += chunk
-    finally:
-        os.close(read_fd)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    return output.decode()
-
-
 def raw_request(path: Path) -> Callable[[], str]:
     """Connect, ask for the status, return the answer line (or why there is none)."""
 
@@ -912,19 +824,6 @@ def raw_request(path: Path) -> Callable[[], str]:
                 data += chunk
         sock.close()
         return data.decode()
-
-    return action
-
-
-def client_request(path: Path) -> Callable[[], str]:
-    """What ``mpnet status`` does (``controlclient.request``), as the refused user would run it."""
-
-    def action() -> str:
-        try:
-            control_request(path, StatusRequest(), timeout=5)
-        except ControlError as exc:
-            return f"ControlError: {exc}"
-        return "answered"
 
     return action
 

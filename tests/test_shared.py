@@ -27,7 +27,7 @@ from harness import Client, config, run_mpnet, wait_for
 from mpnet.journal import StateFileError, Store, replay_journal
 from mpnet.pure.frames import FrameDecoder, decode_payload, encode
 from mpnet.pure.messages import from_wire, to_wire
-from mpnet.pure.replica import SharedError, run_atomic
+from mpnet.pure.replica import SharedError, SharedValueTooLarge, run_atomic
 from mpnet.shared import SharedMaster
 from mpnet.workers.shared import SharedState
 
@@ -186,6 +186,27 @@ def test_write_that_cannot_be_sent_leaves_the_replica_unchanged():
         table.clear()
     assert table.snapshot() == {"k": 1}
     assert table._replica.pending == {} and table._replica.clears == 0
+
+
+def test_a_value_too_large_for_the_channel_raises_the_documented_error():
+    sent: list[Any] = []
+
+    def send(message: Any) -> None:  # what the worker's channel does: encode, or refuse
+        sent.append(encode(to_wire(message)))
+
+    state = SharedState(send, {"t": {"k": 1}})
+    table = state.table("t")
+    huge = b"x" * (64 * 1024 * 1024)
+    for write in (
+        lambda: table.__setitem__("k", huge),
+        lambda: table.update({"k": huge}),
+        lambda: state.broadcast("topic", huge),
+    ):
+        with pytest.raises(SharedValueTooLarge, match="exceeds the 67108864-byte frame limit"):
+            write()
+    with pytest.raises(SharedError):  # the documented base class catches it too
+        table["k"] = huge
+    assert table.snapshot() == {"k": 1} and sent == []
 
 
 _MISSING = object()

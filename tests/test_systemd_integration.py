@@ -22,14 +22,20 @@ from pathlib import Path
 
 import psutil
 import pytest
-from harness import PID_MODULE, Client, Server, config, free_port, run_mpnet, wait_for
-from test_operations import (
+from harness import (
+    PID_MODULE,
+    Client,
+    Server,
     as_nobody,
     client_request,
+    config,
     connect_to_each_worker,
+    free_port,
     mpnet_cli,
+    run_mpnet,
     settled,
     status,
+    wait_for,
 )
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -169,7 +175,7 @@ def test_notify_protocol(mpnet, write_module, notify_socket):
 
 WORKER_ONLY_FAILURE_MODULE = """\
 import os
-if __import__("mpnet.log").log._role != "checker" and os.path.exists({flag!r}):
+if __import__("mpnet.log").log.role() != "checker" and os.path.exists({flag!r}):
     raise RuntimeError("fails in workers only")  # the reload's check passes
 class listener:
     def onconnect(conn):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from harness import Client, config, free_port, wait_for
+from harness import BioClient, Client, config, free_port, wait_for
 
 from mpnet.pure.proxyproto import build_v1, build_v2
 
@@ -276,61 +275,6 @@ def test_proxy_protocol_in_front_of_direct_tls(tls_whois):
         client.send(b"over tls\n")
         assert client.read_until(b"\n") == b"over tls\n"
     server.wait_log(r"\[whois\] info: onconnect w0\.c\d+ 203\.0\.113\.9:5555 via \('127\.0\.0\.1'")
-
-
-class BioClient:
-    """A TLS client driven through memory BIOs over a plain socket, so that the test decides
-    what each send holds: here a PROXY header and the ClientHello in one segment."""
-
-    def __init__(self, sock: socket.socket, cafile: Path) -> None:
-        self.sock = sock
-        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        context = ssl.create_default_context(cafile=str(cafile))
-        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
-        self.plain = b""
-
-    def client_hello(self) -> bytes:
-        with contextlib.suppress(ssl.SSLWantReadError):
-            self.tls.do_handshake()
-        return self.outgoing.read()
-
-    def _pump(self, deadline: float) -> None:
-        """Send what TLS wants sent, then wait for bytes from the server."""
-        if self.outgoing.pending:
-            self.sock.sendall(self.outgoing.read())
-        self.sock.settimeout(max(deadline - time.monotonic(), 0.01))
-        data = self.sock.recv(65536)
-        if not data:
-            raise AssertionError("the server closed the connection")
-        self.incoming.write(data)
-
-    def handshake(self, timeout: float = 10.0, flush: bool = True) -> None:
-        """Complete the handshake; with *flush* False, the client's last flight stays queued
-        (to go out with what is sent next)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                self._pump(deadline)
-        if flush and self.outgoing.pending:
-            self.sock.sendall(self.outgoing.read())
-
-    def send(self, data: bytes) -> None:
-        self.tls.write(data)
-        self.sock.sendall(self.outgoing.read())
-
-    def read_until(self, marker: bytes, timeout: float = 10.0) -> bytes:
-        deadline = time.monotonic() + timeout
-        while marker not in self.plain:
-            try:
-                self.plain += self.tls.read(65536)
-            except ssl.SSLWantReadError:
-                self._pump(deadline)
-        index = self.plain.index(marker) + len(marker)
-        data, self.plain = self.plain[:index], self.plain[index:]
-        return data
 
 
 @pytest.mark.parametrize("build", [build_v1, build_v2], ids=["v1", "v2"])

@@ -22,8 +22,7 @@ from typing import Any
 
 import pytest
 import uvloop
-from harness import Client, config, wait_for, worker_status
-from test_transport_proxy import BioClient
+from harness import BioClient, Client, config, wait_for, worker_status
 
 from mpnet.workers.tls import ServerHandshake
 

@@ -424,21 +424,22 @@ class Connection(asyncio.Protocol):
         self._pending = handshake.task
         handshake.task.add_done_callback(self._tls_done)
 
-    def _tls_done(self, task: asyncio.Task[asyncio.Transport]) -> None:
+    def _tls_done(self, task: asyncio.Task[asyncio.Transport | None]) -> None:
         service = self._service
         service.handshaking.discard(self)
         self._pending = self._handshake = None
         lost = self.__dict__.pop("_lost_in_handshake", None)
         exc = asyncio.CancelledError() if task.cancelled() else task.exception()
-        if exc is not None:
+        transport = None if exc is not None else task.result()
+        if transport is None:  # start_tls gives None for a transport closed meanwhile
             self._closed = True
             self._backlog = None
-            service.handshake_failed(self, exc)
+            service.handshake_failed(self, exc or ConnectionError("closed during the handshake"))
             if self._transport is not None and not self._transport.is_closing():
                 self._transport.abort()
             return
-        self._transport = task.result()
-        if not self._admit(service, self._transport):
+        self._transport = transport
+        if not self._admit(service, transport):
             return
         backlog = self._backlog
         while backlog and self._pending is None:
@@ -564,7 +565,7 @@ class Connection(asyncio.Protocol):
             return
         # The TLS transport has its own write-buffer limits (uvloop: 128 KiB low, 512 KiB
         # high): apply mpnet's, so backpressure and ondrain ("queue empty") work as before.
-        transport.set_write_buffer_limits(WRITE_BUFFER_HIGH, 0)
+        transport.set_write_buffer_limits(WRITE_BUFFER_HIGH, 0)  # type: ignore[union-attr]
         self._transport = transport  # type: ignore[assignment]
         callback = self._service.onstarttls
         if callback is not None:
@@ -699,7 +700,9 @@ class ProxiedConnection(Connection):
     def _header_done(self, remaining: bytes) -> None:
         """The header is parsed: the module sees the connection now (*remaining*: the bytes
         that followed the header in the same read)."""
-        if self._admit(self._service, self._transport) and remaining and not self._closed:
+        transport = self._transport
+        assert transport is not None  # set in connection_made, before any header byte
+        if self._admit(self._service, transport) and remaining and not self._closed:
             self.data_received(remaining)
 
     def _proxy_failed(self, reason: str) -> None:

@@ -110,9 +110,9 @@ def start_timers(timers: Iterable[Timer], loop: asyncio.AbstractEventLoop) -> No
         timer.start(loop)
 
 
-def run_ready_hooks(hooks: Iterable[tuple[Hook, logging.Logger]]) -> list[asyncio.Future[Any]]:
+def run_ready_hooks(hooks: Iterable[tuple[Hook, logging.Logger]]) -> list[asyncio.Task[Any]]:
     """Call every ``on_ready`` hook; async ones go on as tasks (the worker serves meanwhile)."""
-    tasks = []
+    tasks: list[asyncio.Task[Any]] = []
     for hook, logger in hooks:
         try:
             result = hook()

@@ -108,7 +108,7 @@ class Module:
         listener = merged["listener"]
         if listener is None or isinstance(listener, (str, bytes, int, float)):
             raise ModuleError(f"{where}: listener must be an object or a dict of callbacks")
-        options = {k: merged[k] for k in ("encryption", "multiplex") if k in merged}
+        options: dict[str, Any] = {k: merged[k] for k in ("encryption", "multiplex") if k in merged}
         if options.get("encryption") not in (None, "ssl"):
             raise ModuleError(f'{where}: encryption must be "ssl" (direct TLS) or absent')
         if "multiplex" in options:

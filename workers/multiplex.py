@@ -98,17 +98,20 @@ class Sniffer(asyncio.Protocol):
             )
             self.handshake.task.add_done_callback(self._tls_done)
 
-    def _tls_done(self, task: asyncio.Task[asyncio.Transport]) -> None:
+    def _tls_done(self, task: asyncio.Task[asyncio.Transport | None]) -> None:
         self.handshake = None
         exc = asyncio.CancelledError() if task.cancelled() else task.exception()
-        if exc is not None:
+        transport = None if exc is not None else task.result()
+        if transport is None:  # start_tls gives None for a transport closed meanwhile
             self.owner.waiting.discard(self)
             peer = self.transport.get_extra_info("peername") if self.transport else None
-            handshake_failed(self.owner, peer, exc)
+            handshake_failed(
+                self.owner, peer, exc or ConnectionError("closed during the handshake")
+            )
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.abort()
             return
-        self.transport = task.result()
+        self.transport = transport
         if self.lost:  # closed right after the handshake, before anything was chosen
             self.owner.waiting.discard(self)
             return

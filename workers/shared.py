@@ -54,7 +54,7 @@ from mpnet.pure.messages import (
     SequencedWrite,
     SharedWrite,
 )
-from mpnet.pure.replica import Replica, SharedError, check_key
+from mpnet.pure.replica import Replica, SharedError, SharedValueTooLarge, check_key
 from mpnet.pure.values import check_plain
 
 
@@ -200,7 +200,10 @@ class SharedState:
         or request nobody will ever order or answer must fail at the call, not hang or vanish."""
         if self._lost is not None:
             raise SharedError(self._lost)
-        self._channel_send(message)
+        try:
+            self._channel_send(message)
+        except ChannelError as exc:  # the frame limit: nothing left this worker
+            raise SharedValueTooLarge(str(exc)) from None
 
     def _atomic(self, table: str, op: str, args: list[Any]) -> asyncio.Future[Any]:
         """Send an atomic request now; return the future its answer resolves."""

@@ -43,6 +43,7 @@ def server_context(
             f"{', '.join(sorted(SSL_KEYS))}"
         )
     certificate = _path(config, table, "certificate", where, required=True)
+    assert certificate is not None  # required=True raised otherwise
     key = _path(config, table, "key", where, required=False)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -129,7 +130,7 @@ class ServerHandshake:
         self._early = bytearray()
         self._scheduled = False
         transport.pause_reading()
-        self.task: asyncio.Task[asyncio.Transport] = self._loop.create_task(
+        self.task: asyncio.Task[asyncio.Transport | None] = self._loop.create_task(
             self._loop.start_tls(
                 transport, protocol, context, server_side=True, ssl_handshake_timeout=timeout
             )

@@ -50,6 +50,7 @@ from .tls import tls_contexts
 if TYPE_CHECKING:
     from mpnet.portmanager import Binding
 
+uvloop: Any
 try:  # imported in the master, before workers fork and maybe lose the right to read it
     import uvloop
 except ImportError:  # pragma: no cover - uvloop is a dependency, but asyncio works too

@@ -23,7 +23,13 @@ WRITE_ARITY = {"set": 2, "del": 1, "clear": 0, "update": 1}
 
 
 class SharedError(Exception):
-    """An atomic operation the master refused (e.g. ``incr`` of a value that is not an int)."""
+    """A shared operation that cannot be done: an atomic operation the master refused (e.g.
+    ``incr`` of a value that is not an int), or any operation once shared state is unavailable."""
+
+
+class SharedValueTooLarge(SharedError):
+    """A write, request or broadcast too large to cross the channel (its frame limit): raised at
+    the call, and nothing was sent or applied."""
 
 
 def check_key(key: Any) -> None:

@@ -10,8 +10,10 @@ Requests come in the two forms Redis accepts:
 * multibulk, what every client library sends: ``*2\\r\\n$3\\r\\nGET\\r\\n$1\\r\\nk\\r\\n``;
 * inline, what a person types through telnet/nc and what some tools send: ``SET a b\\r\\n``,
   split on ASCII whitespace. The line may end in ``\\n`` alone. Unlike Redis, quotes are not
-  interpreted (``SET a "b c"`` gives four arguments), because the brief asked for plain
-  whitespace splitting.
+  interpreted (``SET a "b c"`` gives four arguments): every client library sends multibulk, so
+  inline requests come from people typing short commands, and Redis's quoting rules (escapes
+  such as ``\\x41``, unbalanced quotes) would add parsing surface for hostile input while
+  serving nobody who cannot use multibulk for a value with spaces or binary bytes.
 
 A request whose first byte is ``*`` is multibulk, anything else is inline, exactly as in Redis.
 Empty requests (blank inline lines, ``*0``, ``*-1``) are skipped silently, as Redis does.

@@ -35,6 +35,13 @@ however it arrives. A client that does not read what it is sent, so that more th
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the loader injects ``module``, as Prosody does; this is for type checkers
+    from mpnet import Module
+
+    module: Module
+
 import os
 import re
 import traceback
@@ -199,7 +206,7 @@ def split_lines(session: Session, data: bytes) -> list[bytes]:
     """Complete lines from what arrived (see the module docstring for long lines)."""
     buffer = session.buffer
     buffer += data
-    lines = []
+    lines: list[bytes] = []
     while True:
         end = buffer.find(b"\n")
         if end < 0:

@@ -39,6 +39,13 @@ in a channel frame), ``expire_interval``, ``expire_batch``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the loader injects ``module``, as Prosody does; this is for type checkers
+    from mpnet import Module
+
+    module: Module
+
 import asyncio
 import os
 import random
@@ -48,11 +55,10 @@ import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from mpnet.pure.frames import ChannelError
-from mpnet.pure.replica import SharedError
+from mpnet.pure.replica import SharedError, SharedValueTooLarge
 from mpnet.pure.resp import RespParser, RespProtocolError, encode_bulk, encode_error, encode_integer
 
-TABLE = module.get_option_string("table", "kv")
+TABLE: str = module.get_option_string("table", "kv") or "kv"
 MAX_VALUE_SIZE = module.get_option_number("max_value_size", 32 * 1024 * 1024, min=1)
 EXPIRE_INTERVAL = module.get_option_number("expire_interval", 0.1, min=0.001)
 EXPIRE_BATCH = module.get_option_number("expire_batch", 200, min=1)
@@ -248,7 +254,7 @@ class Session:
             else:
                 try:
                     reply = spec.handler(self, command)
-                except ChannelError:
+                except SharedValueTooLarge:
                     reply = E_TOO_BIG
                 except Exception:  # a bug here must not leave the client waiting
                     module.log("error", "%s failed:\n%s", spec.name, traceback.format_exc())
@@ -530,7 +536,7 @@ def cmd_keys(session: Session, args: list[bytes]) -> Reply:
         and (match is None or match(key))
         and not (entry.__class__ is list and entry[1] <= now)
     ]
-    return session.array(found)
+    return session.array(found)  # type: ignore[arg-type]  # list is invariant; bytes only
 
 
 def cmd_dbsize(session: Session, args: list[bytes]) -> Reply:
@@ -774,7 +780,7 @@ def _table() -> dict[bytes, Command]:
         ("info", cmd_info, -1, False),
         ("quit", cmd_quit, -1, False),
     ]
-    return {name.upper().encode(): Command(name, *rest) for name, *rest in specs}
+    return {name.upper().encode(): Command(name, *rest) for name, *rest in specs}  # type: ignore[arg-type]
 
 
 COMMANDS = _table()

@@ -14,17 +14,24 @@ than HIGH_WATER bytes queued, and resumed when that queue drains (``ondrain``), 
 bounded whatever the peers do.
 """
 
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the loader injects ``module``, as Prosody does; this is for type checkers
+    from mpnet import Module
+
+    module: Module
+
 HIGH_WATER = 64 * 1024  # the framework's own write high-water mark: ondrain fires after it
 
 target = module.get_option_string("target")
 if target is None or ":" not in target:
     raise ValueError('set [proxy] target = "host:port" in the config')
-target_host, _, target_port = target.rpartition(":")
+target_host, _, port_text = target.rpartition(":")
 target_host = target_host.strip("[]")
-target_port = int(target_port)
+target_port = int(port_text)
 connect_timeout = module.get_option_number("connect_timeout", 10, min=0)
 
-peers = {}  # client <-> upstream, both directions
+peers: dict[Any, Any] = {}  # client <-> upstream, both directions
 
 
 def forward(source, sink, data):
