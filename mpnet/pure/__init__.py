@@ -5,5 +5,6 @@ each can be tested with bytes split at every position and fuzzed without a serve
 ``config`` (the TOML schema), ``portplan`` (who listens where), ``resp`` (Redis protocol),
 ``proxyproto`` (PROXY v1/v2), ``values`` (what may cross a process boundary), ``replica`` (the
 shared tables' merge rules), ``frames`` (the channel's wire format; the one module here that
-uses msgpack) and ``messages`` (the named records sent on the channel and control socket).
+uses msgpack), ``messages`` (the named records sent on the channel) and ``controlproto`` (the
+control socket's requests and replies).
 """
