@@ -29,6 +29,7 @@ import psutil
 from mpnet.controlclient import ControlError
 from mpnet.controlclient import request as control_request
 from mpnet.pure.controlproto import StatusRequest
+from mpnet.pure.resp import RespParser, RespProtocolError
 
 DEADLINE = 20.0
 
@@ -491,3 +492,17 @@ class BioClient:
         index = self.plain.index(marker) + len(marker)
         data, self.plain = self.plain[:index], self.plain[index:]
         return data
+
+
+def resp_outcome(chunks: list[bytes], **limits: int) -> tuple[list[list[bytes]], str | None]:
+    """Feed a RESP parser the chunks in order, draining commands after each; return the
+    commands and the protocol error, if any."""
+    parser = RespParser(**limits)
+    commands: list[list[bytes]] = []
+    try:
+        for chunk in chunks:
+            parser.feed(chunk)
+            commands.extend(parser)
+    except RespProtocolError as exc:
+        return commands, str(exc)
+    return commands, None

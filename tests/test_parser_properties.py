@@ -12,13 +12,14 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from harness import resp_outcome
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mpnet.pure.config import ConfigError, parse_config
 from mpnet.pure.frames import ChannelError, FrameDecoder, decode_payload, encode
 from mpnet.pure.proxyproto import ProxyHeaderParser, ProxyProtocolError, build_v1, build_v2
-from mpnet.pure.resp import RespParser, RespProtocolError, encode_array
+from mpnet.pure.resp import encode_array
 
 # -- shared strategies --------------------------------------------------------------------------
 
@@ -88,15 +89,7 @@ commands = st.lists(
 
 
 def resp_run(chunks: list[bytes]) -> tuple[list[list[bytes]], str | None]:
-    parser = RespParser(max_inline_length=64, max_bulk_length=64, max_multibulk_length=8)
-    out: list[list[bytes]] = []
-    try:
-        for chunk in chunks:
-            parser.feed(chunk)
-            out.extend(parser)
-    except RespProtocolError as exc:
-        return out, str(exc)
-    return out, None
+    return resp_outcome(chunks, max_inline_length=64, max_bulk_length=64, max_multibulk_length=8)
 
 
 @given(commands, st.lists(st.integers(0, 2000), max_size=6))

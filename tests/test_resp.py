@@ -11,6 +11,7 @@ import random
 from collections.abc import Iterator
 
 import pytest
+from harness import resp_outcome
 
 from mpnet.pure.resp import (
     DEFAULT_MAX_BULK_LENGTH,
@@ -25,20 +26,7 @@ from mpnet.pure.resp import (
     encode_simple,
 )
 
-Outcome = tuple[list[list[bytes]], str | None]
-
-
-def run(chunks: list[bytes], **limits: int) -> Outcome:
-    """Feed the chunks in order, draining commands after each; return commands and error."""
-    parser = RespParser(**limits)
-    commands: list[list[bytes]] = []
-    try:
-        for chunk in chunks:
-            parser.feed(chunk)
-            commands.extend(parser)
-    except RespProtocolError as exc:
-        return commands, str(exc)
-    return commands, None
+run = resp_outcome  # feed chunks, drain commands; (commands, error)
 
 
 def splittings(data: bytes, three_way_max: int = 80) -> Iterator[list[bytes]]:
