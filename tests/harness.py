@@ -257,10 +257,12 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
-        if self.proc.stdout:
-            self.proc.stdout.close()
+        # The reader ends at EOF; closing the pipe under it instead would raise in its thread.
+        # If something outside the group still holds the pipe, the reader keeps it.
         if self._reader:
-            self._reader.join(2)
+            self._reader.join(5)
+        if self.proc.stdout and not (self._reader and self._reader.is_alive()):
+            self.proc.stdout.close()
 
 
 def run_mpnet(directory: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -11,9 +11,7 @@ import contextlib
 import datetime
 import json
 import os
-import pwd
 import re
-import select
 import shutil
 import signal
 import socket
@@ -24,7 +22,6 @@ import tempfile
 import threading
 import time
 import tomllib
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -174,6 +171,7 @@ class Load:
             self.errors.append(f"echo connection {index}: {exc!r}")
 
 
+@pytest.mark.server
 def test_reload_under_load_zero_errors(mpnet, write_module):
     path = write_module("versioned", VERSION_MODULE.format(version=1))
     server = mpnet(config([str(path)], workers=2, graceful_timeout=30))
@@ -222,6 +220,7 @@ def test_reload_under_load_zero_errors(mpnet, write_module):
     wait_for(lambda: {w["generation"] for w in status(server)["workers"]} == {6}, what="drained")
 
 
+@pytest.mark.server
 def test_invalid_reload_keeps_serving(mpnet, write_module):
     path = write_module("versioned", VERSION_MODULE.format(version=1))
     server = mpnet(config([str(path)], workers=2))
@@ -256,6 +255,7 @@ def test_invalid_reload_keeps_serving(mpnet, write_module):
     assert {greeting(port)[0] for _ in range(5)} == {2}
 
 
+@pytest.mark.server
 def test_control_socket_keeps_answering_while_workers_come_and_go(mpnet):
     """Regression: a worker's channel, closed at its EOF, was forgotten in the selector a
     second time when the worker was reaped, by its old fd number, which by then could belong
@@ -302,6 +302,7 @@ module.provides("net", listener=listener, default_port=0)
 """
 
 
+@pytest.mark.server
 def test_slow_reload_check_does_not_kill_healthy_workers(mpnet, write_module, tmp_path):
     """Regression: when the master still waited for the checker, heartbeats that arrived
     meanwhile were unread when it judged the workers, which then all looked blocked and were
@@ -331,6 +332,7 @@ module.provides("net", listener=listener, default_port=0)
 """
 
 
+@pytest.mark.server
 def test_master_serves_while_a_reload_is_checked_and_queues_more_reloads(
     mpnet, write_module, tmp_path
 ):
@@ -385,6 +387,7 @@ def test_master_serves_while_a_reload_is_checked_and_queues_more_reloads(
         server.wait_log(re.escape(f"(pid {pid}) stopped (exited with code 0)"))
 
 
+@pytest.mark.server
 def test_reload_check_that_hangs_is_killed_after_boot_timeout(mpnet, write_module, tmp_path):
     flag = tmp_path / "slow"
     path = write_module("counter", SLOW_COUNTER_MODULE.format(flag=str(flag), delay=600))
@@ -412,6 +415,7 @@ def running(pid: int) -> bool:
         return False
 
 
+@pytest.mark.server
 def test_reload_adds_and_removes_ports(mpnet, write_module):
     alpha = write_module("alpha", VERSION_MODULE.format(version=1))
     beta = write_module("beta", VERSION_MODULE.format(version=2))
@@ -452,6 +456,7 @@ def refused(port: int) -> bool:
 # -- worker count -------------------------------------------------------------------------------
 
 
+@pytest.mark.server
 def test_ttin_ttou_and_workers_command(mpnet):
     server = mpnet(config(["echo"], workers=1, echo_ports=[0]))
 
@@ -554,6 +559,7 @@ print(json.dumps(results))
 """
 
 
+@pytest.mark.server
 def test_ttou_under_load_migrates_queued_connections(tmp_path):
     """In a network namespace of our own with net.ipv4.tcp_migrate_req = 1 (never the host's):
     removing slots while connections pour in resets none and keeps none waiting."""
@@ -609,6 +615,7 @@ def wait_file(path: Path, pattern: str, timeout: float = 20.0) -> str:
     return wait_for(found, timeout, what=f"{pattern!r} in {path.name}")
 
 
+@pytest.mark.server
 def test_sigusr1_reopens_the_log_file(mpnet, tmp_path):
     log_path = tmp_path / "mpnet.log"
     server = mpnet(config(["echo"], workers=2, echo_ports=[0], log_file=str(log_path)), start=False)
@@ -619,12 +626,16 @@ def test_sigusr1_reopens_the_log_file(mpnet, tmp_path):
     rotated = log_path.rename(tmp_path / "mpnet.log.1")  # what logrotate does
     server.signal(signal.SIGUSR1)
     wait_file(log_path, r"master \[mpnet\] info: log file reopened")
-    # Every worker reopened too: their lines land in the new file.
-    for _ in range(10):
+
+    # Every worker reopened too: their lines land in the new file. SO_REUSEPORT picks the
+    # worker by a hash, so connect until each has logged one.
+    def each_worker_logged() -> bool:
         with Client(port) as client:
             client.read_until(b"\n")
-    wait_file(log_path, r"worker 0 \[echo\] info: Connection closed")
-    wait_file(log_path, r"worker 1 \[echo\] info: Connection closed")
+        text = log_path.read_text()
+        return all(f"worker {slot} [echo] info: Connection closed" in text for slot in (0, 1))
+
+    wait_for(each_worker_logged, what="a connection closed by each worker in the new log")
     assert "Connection closed" not in rotated.read_text()
     assert server.log == ""  # nothing on stderr either
 
@@ -665,6 +676,7 @@ def connect_to_each_worker(port: int, pids: set[int]) -> dict[int, Client]:
     return clients
 
 
+@pytest.mark.server
 def test_blocked_loop_is_killed_with_its_traceback(mpnet, write_module):
     # worker_timeout = 2, not 1: a worker sends its heartbeat every 1.0 s whatever
     # worker_timeout is (mpnet/worker.py HEARTBEAT_INTERVAL), so with 1 s a healthy idle worker
@@ -722,6 +734,7 @@ module.provides("net", listener=listener, default_port=0)
 """
 
 
+@pytest.mark.server
 def test_crash_loop_backs_off_exponentially(mpnet, write_module, tmp_path):
     flag = tmp_path / "crash"
     path = write_module("crasher", CRASHER_MODULE.format(flag=str(flag)))
@@ -769,6 +782,7 @@ def test_backoff_doubles_up_to_the_cap_and_resets_after_a_healthy_run():
     assert 0 not in master._backoff
 
 
+@pytest.mark.server
 def test_checker_event_after_a_stop_in_the_same_pass_is_ignored():
     """One select() can return a control client's ``stop`` and the checker's answer: the stop
     kills the checker and closes its pipe, and the checker's event must then be ignored."""
@@ -828,6 +842,7 @@ module.provides("net", listener=listener, default_port=0)
 """
 
 
+@pytest.mark.server
 def test_worker_above_max_worker_memory_is_recycled_gracefully(mpnet, write_module):
     path = write_module("hog", HOG_MODULE)
     limit = 100 << 20
@@ -854,77 +869,81 @@ def test_worker_above_max_worker_memory_is_recycled_gracefully(mpnet, write_modu
 # -- control socket -----------------------------------------------------------------------------
 
 
-def as_nobody(action: Callable[[], str], timeout: float = 10.0) -> str:
-    """Run *action* in a forked child that became ``nobody``; return what it returned."""
-    nobody = pwd.getpwnam("nobody")
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: only modules already imported, then _exit
-        try:
-            os.close(read_fd)
-            os.setgroups([])
-            os.setgid(nobody.pw_gid)
-            os.setuid(nobody.pw_uid)
-            result = action()
-        except BaseException as exc:
-            result = f"child failed: {exc!r}"
-        os.write(write_fd, result.encode())
-        os._exit(0)
-    os.close(write_fd)
-    output = b""
-    deadline = time.monotonic() + timeout
+NOBODY_CLIENT = """\
+import os, pwd, socket, sys
+from mpnet.control import ControlError, request
+
+how, path = sys.argv[1], sys.argv[2]
+nobody = pwd.getpwnam("nobody")
+os.setgroups([])
+os.setgid(nobody.pw_gid)
+os.setuid(nobody.pw_uid)
+
+
+def raw():
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5)
     try:
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"the child running as nobody did not finish: {output!r}")
-            ready, _, _ = select.select([read_fd], [], [], remaining)
-            if ready:
-                chunk = os.read(read_fd, 65536)
-                if not chunk:
-                    break
-                output += chunk
-    finally:
-        os.close(read_fd)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    return output.decode()
+        sock.connect(path)
+    except PermissionError as exc:
+        return f"connect: errno {exc.errno}"
+    try:
+        sock.sendall(b'{"command": "status"}\\n')
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # may be too late: refused at once
+    data = b""
+    try:
+        while not data.endswith(b"\\n") and (chunk := sock.recv(65536)):
+            data += chunk
+    except ConnectionResetError:
+        pass  # after the answer: it was not read
+    sock.close()
+    return data.decode()
 
 
-def raw_request(path: Path) -> Callable[[], str]:
-    """Connect, ask for the status, return the answer line (or why there is none)."""
-
-    def action() -> str:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(5)
-        try:
-            sock.connect(str(path))
-        except PermissionError as exc:
-            return f"connect: errno {exc.errno}"
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            sock.sendall(b'{"command": "status"}\n')  # may be too late: refused at once
-        data = b""
-        with contextlib.suppress(ConnectionResetError):  # after the answer: it was not read
-            while not data.endswith(b"\n") and (chunk := sock.recv(65536)):
-                data += chunk
-        sock.close()
-        return data.decode()
-
-    return action
+def client():
+    try:
+        request(path, {"command": "status"}, timeout=5)
+    except ControlError as exc:
+        return f"ControlError: {exc}"
+    return "answered"
 
 
-def client_request(path: Path) -> Callable[[], str]:
-    """What ``mpnet status`` does (mpnet.control.request), as the refused user would run it."""
+sys.stdout.write(raw() if how == "raw" else client())
+"""
+"""Runs as root until its imports are done, then as ``nobody``: ``raw PATH`` connects, asks for
+the status and prints the answer line (or why there is none); ``client PATH`` does what
+``mpnet status`` does (mpnet.control.request), as the refused user would run it."""
 
-    def action() -> str:
-        try:
-            control_request(path, {"command": "status"}, timeout=5)
-        except ControlError as exc:
-            return f"ControlError: {exc}"
-        return "answered"
 
-    return action
+def as_nobody(request: list[str], timeout: float = 10.0) -> str:
+    """Run *request* (``raw_request``/``client_request``) as ``nobody``; return what it printed.
+
+    A new Python rather than a fork of this process: the harness's log-reader threads run here,
+    and a fork() while threads run may deadlock the child (Python 3.12 warns). The pyenv Python
+    under /root is out of ``nobody``'s reach, hence the drop after the imports."""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", NOBODY_CLIENT, *request],
+        env=dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def raw_request(path: Path) -> list[str]:
+    return ["raw", str(path)]
+
+
+def client_request(path: Path) -> list[str]:
+    return ["client", str(path)]
 
 
 @pytest.fixture
@@ -939,6 +958,7 @@ def shared_dir() -> Path:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+@pytest.mark.server
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
 def test_control_socket_permissions_and_refused_peers(mpnet, shared_dir):
     path = shared_dir / "control.sock"
@@ -970,6 +990,7 @@ def test_control_socket_permissions_and_refused_peers(mpnet, shared_dir):
     assert f"mpnet pid {server.pid}" in result.stdout
 
 
+@pytest.mark.server
 def test_status_stop_and_cli_errors(mpnet):
     server = mpnet(config(["echo", "lastsaid"], workers=2, echo_ports=[0], lastsaid_ports=[0]))
     echo_port, lastsaid_port = server.port("echo"), server.port("lastsaid")
@@ -1014,3 +1035,52 @@ def test_status_stop_and_cli_errors(mpnet):
     assert not (server.directory / "control.sock").exists()
     result = mpnet_cli(server, "status")
     assert result.returncode == 1 and "is mpnet running?" in result.stderr
+
+
+SHARED_COUNTER = """\
+import os
+counts = module.shared("counts")
+class listener:
+    async def onconnect(conn):
+        conn.write(f"{os.getpid()} {await counts.incr('connections')}\\n")
+module.provides("net", listener=listener, default_port=0)
+"""
+
+
+@pytest.mark.server
+def test_the_master_stays_single_threaded(mpnet, write_module):
+    """The master forks workers and reload checkers, and a fork while another thread runs may
+    deadlock the child: nothing the master does may start a thread (a library's pool included)."""
+    path = write_module("counter", SHARED_COUNTER)
+    server = mpnet(config([str(path)], workers=2, state_file="state.db"))
+    port = server.port("counter")
+
+    def threads() -> dict[int, str]:
+        """The master's threads, by id, with their names."""
+        task = Path(f"/proc/{server.pid}/task")
+        return {int(tid): (task / tid / "comm").read_text().strip() for tid in os.listdir(task)}
+
+    def serve_on_every_worker() -> None:
+        seen: set[int] = set()
+
+        def one() -> bool:
+            with Client(port) as client:
+                seen.add(int(client.read_until(b"\n").split()[0]))
+            return seen >= worker_pids(server)
+
+        wait_for(one, what="a connection served by every worker")
+
+    master_only = {server.pid: threads()[server.pid]}
+    assert threads() == master_only
+    serve_on_every_worker()
+    assert threads() == master_only
+    assert mpnet_cli(server, "status").returncode == 0
+    server.signal(signal.SIGHUP)
+    server.wait_log("reload complete: generation 2")
+    settled(server, 2)
+    serve_on_every_worker()
+    assert threads() == master_only
+    server.signal(signal.SIGTTIN)
+    settled(server, 3)
+    serve_on_every_worker()
+    assert threads() == master_only

@@ -32,6 +32,8 @@ from test_operations import (
     status,
 )
 
+pytestmark = pytest.mark.server
+
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 BLOCKER_MODULE = """\

@@ -22,6 +22,8 @@ from harness import Client, config, free_port, wait_for
 
 from mpnet.proxyproto import build_v1, build_v2
 
+pytestmark = pytest.mark.server
+
 WHOIS = """
 class listener:
     def onconnect(conn):

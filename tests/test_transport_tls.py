@@ -27,6 +27,8 @@ from test_transport_proxy import BioClient
 
 from mpnet.tls import ServerHandshake
 
+pytestmark = pytest.mark.server
+
 TLS_ECHO = """
 class listener:
     def onconnect(conn):
