@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import harness
 from harness import Server
 
 # Every process a test starts (mpnet serve, python -c ...) runs this checkout's code, whatever
@@ -54,3 +55,7 @@ def write_module(tmp_path: Path) -> Callable[[str, str], Path]:
         return path
 
     return write
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    harness.SERVER_TEST[0] = item.get_closest_marker("server") is not None

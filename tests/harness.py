@@ -9,9 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pwd
 import re
-import select
 import signal
 import socket
 import ssl
@@ -26,7 +24,6 @@ from typing import Any
 
 import psutil
 
-from mpnet.controlclient import ControlError
 from mpnet.controlclient import request as control_request
 from mpnet.pure.controlproto import StatusRequest
 from mpnet.pure.resp import RespParser, RespProtocolError
@@ -124,6 +121,16 @@ class Client:
         self.close()
 
 
+SERVER_TEST: list[bool] = [True]
+"""Whether the running test carries the ``server`` marker (set by conftest for each test)."""
+
+
+def require_server_marker() -> None:
+    """Keep ``-m "not server"`` honest: a test that starts mpnet must say so."""
+    if not SERVER_TEST[0]:
+        raise AssertionError("this test starts mpnet processes: mark it @pytest.mark.server")
+
+
 class Server:
     """One ``mpnet serve`` (or any mpnet command) as a child process with its log captured."""
 
@@ -148,6 +155,7 @@ class Server:
         return argv + self.args + list(extra)
 
     def start(self, *extra: str, command: str = "serve", wait_ready: bool = True) -> Server:
+        require_server_marker()
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(self.env or {}))
         self.proc = subprocess.Popen(
             self.argv(command, extra),
@@ -266,14 +274,17 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
-        if self.proc.stdout:
-            self.proc.stdout.close()
+        # The reader ends at EOF; closing the pipe under it instead would raise in its thread.
+        # If something outside the group still holds the pipe, the reader keeps it.
         if self._reader:
-            self._reader.join(2)
+            self._reader.join(5)
+        if self.proc.stdout and not (self._reader and self._reader.is_alive()):
+            self.proc.stdout.close()
 
 
 def run_mpnet(directory: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run a short mpnet command (``check``, a failing ``serve``...) to completion."""
+    require_server_marker()
     return subprocess.run(
         [sys.executable, "-m", "mpnet", *args],
         cwd=directory,
@@ -328,55 +339,82 @@ def _toml(value: Any) -> str:
 # -- helpers several test modules share ----------------------------------------------------
 
 
-def as_nobody(action: Callable[[], str], timeout: float = 10.0) -> str:
-    """Run *action* in a forked child that became ``nobody``; return what it returned."""
-    nobody = pwd.getpwnam("nobody")
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: only modules already imported, then _exit
-        try:
-            os.close(read_fd)
-            os.setgroups([])
-            os.setgid(nobody.pw_gid)
-            os.setuid(nobody.pw_uid)
-            result = action()
-        except BaseException as exc:
-            result = f"child failed: {exc!r}"
-        os.write(write_fd, result.encode())
-        os._exit(0)
-    os.close(write_fd)
-    output = b""
-    deadline = time.monotonic() + timeout
+NOBODY_CLIENT = """\
+import os, pwd, socket, sys
+from mpnet.controlclient import ControlError, request
+from mpnet.pure.controlproto import StatusRequest
+
+how, path = sys.argv[1], sys.argv[2]
+nobody = pwd.getpwnam("nobody")
+os.setgroups([])
+os.setgid(nobody.pw_gid)
+os.setuid(nobody.pw_uid)
+
+
+def raw():
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5)
     try:
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"the child running as nobody did not finish: {output!r}")
-            ready, _, _ = select.select([read_fd], [], [], remaining)
-            if ready:
-                chunk = os.read(read_fd, 65536)
-                if not chunk:
-                    break
-                output += chunk
-    finally:
-        os.close(read_fd)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    return output.decode()
+        sock.connect(path)
+    except PermissionError as exc:
+        return f"connect: errno {exc.errno}"
+    try:
+        sock.sendall(b'{"command": "status"}\\n')
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # may be too late: refused at once
+    data = b""
+    try:
+        while not data.endswith(b"\\n") and (chunk := sock.recv(65536)):
+            data += chunk
+    except ConnectionResetError:
+        pass  # after the answer: it was not read
+    sock.close()
+    return data.decode()
 
 
-def client_request(path: Path) -> Callable[[], str]:
-    """What ``mpnet status`` does (``controlclient.request``), as the refused user would run it."""
+def client():
+    try:
+        request(path, StatusRequest(), timeout=5)
+    except ControlError as exc:
+        return f"ControlError: {exc}"
+    return "answered"
 
-    def action() -> str:
-        try:
-            control_request(path, StatusRequest(), timeout=5)
-        except ControlError as exc:
-            return f"ControlError: {exc}"
-        return "answered"
 
-    return action
+sys.stdout.write(raw() if how == "raw" else client())
+"""
+"""Runs as root until its imports are done, then as ``nobody``: ``raw PATH`` connects, asks for
+the status and prints the answer line (or why there is none); ``client PATH`` does what
+``mpnet status`` does (mpnet.controlclient.request), as the refused user would run it."""
+
+
+def as_nobody(request: list[str], timeout: float = 10.0) -> str:
+    """Run *request* (``raw_request``/``client_request``) as ``nobody``; return what it printed.
+
+    A new Python rather than a fork of this process: the harness's log-reader threads run here,
+    and a fork() while threads run may deadlock the child (Python 3.12 warns). The pyenv Python
+    under /root is out of ``nobody``'s reach, hence the drop after the imports."""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", NOBODY_CLIENT, *request],
+        env=dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def raw_request(path: Path) -> list[str]:
+    return ["raw", str(path)]
+
+
+def client_request(path: Path) -> list[str]:
+    return ["client", str(path)]
 
 
 def connect_to_each_worker(port: int, pids: set[int]) -> dict[int, Client]:

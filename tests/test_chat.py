@@ -12,6 +12,8 @@ import threading
 import pytest
 from harness import Client, config, wait_for
 
+pytestmark = pytest.mark.server
+
 WELCOME = re.compile(rb"\* welcome, you are (guest\d+);")
 
 

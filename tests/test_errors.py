@@ -7,6 +7,8 @@ import os
 import pytest
 from harness import config, run_mpnet
 
+pytestmark = pytest.mark.server
+
 
 def _serve_fails(tmp_path, text: str, *args: str):
     path = tmp_path / "mpnet.toml"

@@ -13,6 +13,8 @@ import pytest
 import redis
 from harness import Client, config, wait_for
 
+pytestmark = pytest.mark.server
+
 REDIS_CLI = shutil.which("redis-cli")
 REDIS_BENCHMARK = shutil.which("redis-benchmark")
 needs_cli = pytest.mark.skipif(

@@ -9,7 +9,10 @@ import threading
 import time
 
 import psutil
+import pytest
 from harness import PID_MODULE, Client, config, wait_for
+
+pytestmark = pytest.mark.server
 
 
 def _pid_of_server(port: int) -> int:

@@ -205,6 +205,7 @@ module.provides("net", name="hooks", listener=listener, default_port=0)
 """
 
 
+@pytest.mark.server
 def test_ready_and_unload_hooks_run_in_each_worker(mpnet: Any, write_module: Any) -> None:
     path = write_module("hooks", HOOKS_MODULE)
     server = mpnet(config([str(path)], workers=2, hooks_ports=[0], graceful_timeout=10))
@@ -224,6 +225,7 @@ def test_ready_and_unload_hooks_run_in_each_worker(mpnet: Any, write_module: Any
         server.wait_log(rf"\[hooks\] info: unload hook in {pid} done")
 
 
+@pytest.mark.server
 def test_unload_hooks_run_in_the_old_workers_of_a_reload(mpnet: Any, write_module: Any) -> None:
     path = write_module("hooks", HOOKS_MODULE)
     server = mpnet(config([str(path)], workers=1, hooks_ports=[0], graceful_timeout=2))

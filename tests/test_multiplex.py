@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from harness import Client, config
 
+pytestmark = pytest.mark.server
+
 SERVICE = """
 class listener:
     def onconnect(conn):

@@ -21,7 +21,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,6 +34,7 @@ from harness import (
     config,
     connect_to_each_worker,
     mpnet_cli,
+    raw_request,
     run_mpnet,
     settled,
     status,
@@ -142,6 +142,7 @@ class Load:
             self.errors.append(f"echo connection {index}: {exc!r}")
 
 
+@pytest.mark.server
 def test_reload_under_load_zero_errors(mpnet, write_module):
     path = write_module("versioned", VERSION_MODULE.format(version=1))
     server = mpnet(config([str(path)], workers=2, graceful_timeout=30))
@@ -190,6 +191,7 @@ def test_reload_under_load_zero_errors(mpnet, write_module):
     wait_for(lambda: {w["generation"] for w in status(server)["workers"]} == {6}, what="drained")
 
 
+@pytest.mark.server
 def test_invalid_reload_keeps_serving(mpnet, write_module):
     path = write_module("versioned", VERSION_MODULE.format(version=1))
     server = mpnet(config([str(path)], workers=2))
@@ -224,6 +226,7 @@ def test_invalid_reload_keeps_serving(mpnet, write_module):
     assert {greeting(port)[0] for _ in range(5)} == {2}
 
 
+@pytest.mark.server
 def test_control_socket_keeps_answering_while_workers_come_and_go(mpnet):
     """Regression: a worker's channel, closed at its EOF, was forgotten in the selector a
     second time when the worker was reaped, by its old fd number, which by then could belong
@@ -270,6 +273,7 @@ module.provides("net", listener=listener, default_port=0)
 """
 
 
+@pytest.mark.server
 def test_slow_reload_check_does_not_kill_healthy_workers(mpnet, write_module, tmp_path):
     """Regression: when the master still waited for the checker, heartbeats that arrived
     meanwhile were unread when it judged the workers, which then all looked blocked and were
@@ -299,6 +303,7 @@ module.provides("net", listener=listener, default_port=0)
 """
 
 
+@pytest.mark.server
 def test_master_serves_while_a_reload_is_checked_and_queues_more_reloads(
     mpnet, write_module, tmp_path
 ):
@@ -353,6 +358,7 @@ def test_master_serves_while_a_reload_is_checked_and_queues_more_reloads(
         server.wait_log(re.escape(f"(pid {pid}) stopped (exited with code 0)"))
 
 
+@pytest.mark.server
 def test_reload_check_that_hangs_is_killed_after_boot_timeout(mpnet, write_module, tmp_path):
     flag = tmp_path / "slow"
     path = write_module("counter", SLOW_COUNTER_MODULE.format(flag=str(flag), delay=600))
@@ -380,6 +386,7 @@ def running(pid: int) -> bool:
         return False
 
 
+@pytest.mark.server
 def test_reload_adds_and_removes_ports(mpnet, write_module):
     alpha = write_module("alpha", VERSION_MODULE.format(version=1))
     beta = write_module("beta", VERSION_MODULE.format(version=2))
@@ -420,6 +427,7 @@ def refused(port: int) -> bool:
 # -- worker count -------------------------------------------------------------------------------
 
 
+@pytest.mark.server
 def test_ttin_ttou_and_workers_command(mpnet):
     server = mpnet(config(["echo"], workers=1, echo_ports=[0]))
 
@@ -523,6 +531,7 @@ print(json.dumps(results))
 """
 
 
+@pytest.mark.server
 def test_ttou_under_load_migrates_queued_connections(tmp_path):
     """In a network namespace of our own with net.ipv4.tcp_migrate_req = 1 (never the host's):
     removing slots while connections pour in resets none and keeps none waiting."""
@@ -578,6 +587,7 @@ def wait_file(path: Path, pattern: str, timeout: float = 20.0) -> str:
     return wait_for(found, timeout, what=f"{pattern!r} in {path.name}")
 
 
+@pytest.mark.server
 def test_sigusr1_reopens_the_log_file(mpnet, tmp_path):
     log_path = tmp_path / "mpnet.log"
     server = mpnet(config(["echo"], workers=2, echo_ports=[0], log_file=str(log_path)), start=False)
@@ -588,12 +598,16 @@ def test_sigusr1_reopens_the_log_file(mpnet, tmp_path):
     rotated = log_path.rename(tmp_path / "mpnet.log.1")  # what logrotate does
     server.signal(signal.SIGUSR1)
     wait_file(log_path, r"master \[mpnet\] info: log file reopened")
-    # Every worker reopened too: their lines land in the new file.
-    for _ in range(10):
+
+    # Every worker reopened too: their lines land in the new file. SO_REUSEPORT picks the
+    # worker by a hash, so connect until each has logged one.
+    def each_worker_logged() -> bool:
         with Client(port) as client:
             client.read_until(b"\n")
-    wait_file(log_path, r"worker 0 \[echo\] info: Connection closed")
-    wait_file(log_path, r"worker 1 \[echo\] info: Connection closed")
+        text = log_path.read_text()
+        return all(f"worker {slot} [echo] info: Connection closed" in text for slot in (0, 1))
+
+    wait_for(each_worker_logged, what="a connection closed by each worker in the new log")
     assert "Connection closed" not in rotated.read_text()
     assert server.log == ""  # nothing on stderr either
 
@@ -617,6 +631,7 @@ module.provides("net", listener=listener, default_port=0)
 """
 
 
+@pytest.mark.server
 def test_blocked_loop_is_killed_with_its_traceback(mpnet, write_module):
     # worker_timeout = 2, not 1: a worker sends its heartbeat every 1.0 s whatever
     # worker_timeout is (mpnet/worker.py HEARTBEAT_INTERVAL), so with 1 s a healthy idle worker
@@ -674,6 +689,7 @@ module.provides("net", listener=listener, default_port=0)
 """
 
 
+@pytest.mark.server
 def test_crash_loop_backs_off_exponentially(mpnet, write_module, tmp_path):
     flag = tmp_path / "crash"
     path = write_module("crasher", CRASHER_MODULE.format(flag=str(flag)))
@@ -721,6 +737,7 @@ def test_backoff_doubles_up_to_the_cap_and_resets_after_a_healthy_run():
     assert 0 not in master._backoff
 
 
+@pytest.mark.server
 def test_checker_event_after_a_stop_in_the_same_pass_is_ignored():
     """One select() can return a control client's ``stop`` and the checker's answer: the stop
     kills the checker and closes its pipe, and the checker's event must then be ignored."""
@@ -780,6 +797,7 @@ module.provides("net", listener=listener, default_port=0)
 """
 
 
+@pytest.mark.server
 def test_worker_above_max_worker_memory_is_recycled_gracefully(mpnet, write_module):
     path = write_module("hog", HOG_MODULE)
     limit = 100 << 20
@@ -806,28 +824,6 @@ def test_worker_above_max_worker_memory_is_recycled_gracefully(mpnet, write_modu
 # -- control socket -----------------------------------------------------------------------------
 
 
-def raw_request(path: Path) -> Callable[[], str]:
-    """Connect, ask for the status, return the answer line (or why there is none)."""
-
-    def action() -> str:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(5)
-        try:
-            sock.connect(str(path))
-        except PermissionError as exc:
-            return f"connect: errno {exc.errno}"
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            sock.sendall(b'{"command": "status"}\n')  # may be too late: refused at once
-        data = b""
-        with contextlib.suppress(ConnectionResetError):  # after the answer: it was not read
-            while not data.endswith(b"\n") and (chunk := sock.recv(65536)):
-                data += chunk
-        sock.close()
-        return data.decode()
-
-    return action
-
-
 @pytest.fixture
 def shared_dir() -> Path:
     """A directory other users may traverse (pytest's tmp dirs are 0700: no test of the
@@ -840,6 +836,7 @@ def shared_dir() -> Path:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+@pytest.mark.server
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
 def test_control_socket_permissions_and_refused_peers(mpnet, shared_dir):
     path = shared_dir / "control.sock"
@@ -871,6 +868,7 @@ def test_control_socket_permissions_and_refused_peers(mpnet, shared_dir):
     assert f"mpnet pid {server.pid}" in result.stdout
 
 
+@pytest.mark.server
 def test_status_stop_and_cli_errors(mpnet):
     server = mpnet(config(["echo", "lastsaid"], workers=2, echo_ports=[0], lastsaid_ports=[0]))
     echo_port, lastsaid_port = server.port("echo"), server.port("lastsaid")
@@ -917,6 +915,7 @@ def test_status_stop_and_cli_errors(mpnet):
     assert result.returncode == 1 and "is mpnet running?" in result.stderr
 
 
+@pytest.mark.server
 def test_hostile_control_requests_get_an_error_and_the_master_carries_on(mpnet):
     server = mpnet(config(["echo"], workers=1, echo_ports=[0]))
     path = server.directory / "control.sock"
@@ -943,3 +942,52 @@ def test_hostile_control_requests_get_an_error_and_the_master_carries_on(mpnet):
         assert reply["ok"] is False and reply["error"], (line[:20], reply)
     assert server.proc.poll() is None
     assert control_request(path, StatusRequest(), timeout=10).status["workers"]
+
+
+SHARED_COUNTER = """\
+import os
+counts = module.shared("counts")
+class listener:
+    async def onconnect(conn):
+        conn.write(f"{os.getpid()} {await counts.incr('connections')}\\n")
+module.provides("net", listener=listener, default_port=0)
+"""
+
+
+@pytest.mark.server
+def test_the_master_stays_single_threaded(mpnet, write_module):
+    """The master forks workers and reload checkers, and a fork while another thread runs may
+    deadlock the child: nothing the master does may start a thread (a library's pool included)."""
+    path = write_module("counter", SHARED_COUNTER)
+    server = mpnet(config([str(path)], workers=2, state_file="state.db"))
+    port = server.port("counter")
+
+    def threads() -> dict[int, str]:
+        """The master's threads, by id, with their names."""
+        task = Path(f"/proc/{server.pid}/task")
+        return {int(tid): (task / tid / "comm").read_text().strip() for tid in os.listdir(task)}
+
+    def serve_on_every_worker() -> None:
+        seen: set[int] = set()
+
+        def one() -> bool:
+            with Client(port) as client:
+                seen.add(int(client.read_until(b"\n").split()[0]))
+            return seen >= worker_pids(server)
+
+        wait_for(one, what="a connection served by every worker")
+
+    master_only = {server.pid: threads()[server.pid]}
+    assert threads() == master_only
+    serve_on_every_worker()
+    assert threads() == master_only
+    assert mpnet_cli(server, "status").returncode == 0
+    server.signal(signal.SIGHUP)
+    server.wait_log("reload complete: generation 2")
+    settled(server, 2)
+    serve_on_every_worker()
+    assert threads() == master_only
+    server.signal(signal.SIGTTIN)
+    settled(server, 3)
+    serve_on_every_worker()
+    assert threads() == master_only

@@ -12,7 +12,10 @@ import time
 from collections.abc import Callable
 
 import psutil
+import pytest
 from harness import Client, config, free_port, wait_for
+
+pytestmark = pytest.mark.server
 
 # -- backends -------------------------------------------------------------------------------------
 

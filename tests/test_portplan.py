@@ -510,8 +510,13 @@ def test_close_all(ledger: PortLedger) -> None:
 
 
 def test_reload_from_loopback_to_wildcard_on_the_same_port(ledger: PortLedger) -> None:
-    """Binds the wildcard address for a moment (nothing connects to it)."""
-    (binding,) = ledger.apply([plan("echo", ep("127.0.0.1", 0))], 1)
+    """Binds the wildcard address for a moment (nothing connects to it), on a port the kernel
+    found free on every address: one free on 127.0.0.1 alone may be held on another (a
+    connection from 127.0.0.2 in TIME_WAIT does it), which refuses the wildcard for good reason."""
+    with socket.socket() as wildcard:
+        wildcard.bind(("0.0.0.0", 0))
+        port = wildcard.getsockname()[1]
+    (binding,) = ledger.apply([plan("echo", ep("127.0.0.1", port))], 1)
     widened = [plan("echo", ep("0.0.0.0", binding.port))]
     ledger.apply(widened, 1)
     assert ledger.slot_sockets(0)["echo"][0][0].endpoint == ep("0.0.0.0", binding.port)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 from harness import Client, config, free_port, run_mpnet
+
+pytestmark = pytest.mark.server
 
 
 def _serve(tmp_path, text):

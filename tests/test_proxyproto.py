@@ -159,11 +159,23 @@ def test_signature_constant_matches_spec() -> None:
             ("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 65535),
         ),
         (b"PROXY TCP6 ::1 :: 1 2\r\n", "TCP6", ("::1", 1), ("::", 2)),
-        (  # IPv4-mapped, as inet_ntop writes it
+        (  # IPv4-mapped, as inet_ntop writes it: the client is the IPv4 address
             b"PROXY TCP6 ::ffff:192.0.2.1 ::1 1 2\r\n",
             "TCP6",
-            ("::ffff:c000:201", 1),
+            ("192.0.2.1", 1),
             ("::1", 2),
+        ),
+        (  # the same in hex groups, and on both sides
+            b"PROXY TCP6 ::FFFF:c000:201 0:0:0:0:0:ffff:198.51.100.7 1 2\r\n",
+            "TCP6",
+            ("192.0.2.1", 1),
+            ("198.51.100.7", 2),
+        ),
+        (  # not mapped: IPv4-compatible (deprecated) and NAT64 stay IPv6
+            b"PROXY TCP6 ::c000:201 64:ff9b::c000:201 1 2\r\n",
+            "TCP6",
+            ("::c000:201", 1),
+            ("64:ff9b::c000:201", 2),
         ),
     ],
 )
@@ -223,6 +235,19 @@ def test_v2_tcp6() -> None:
     assert result.family == "TCP6"
     assert result.source == ("2001:db8::1", 65535)
     assert result.destination == ("fe80::abc", 0)
+
+
+def test_v2_ipv4_mapped_addresses_are_given_as_ipv4() -> None:
+    block = (
+        bytes.fromhex("00000000000000000000ffff") + bytes((192, 0, 2, 1))
+        + bytes.fromhex("00000000000000000000ffff") + bytes((198, 51, 100, 7))
+        + struct.pack("!HH", 56324, 443)
+    )  # fmt: skip
+    for fam, family in ((0x21, "TCP6"), (0x22, "UDP6")):
+        result = parse_every_split(v2(0x21, fam, block))
+        assert result.family == family
+        assert result.source == ("192.0.2.1", 56324)
+        assert result.destination == ("198.51.100.7", 443)
 
 
 def test_v2_udp() -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
 from harness import Client, config, run_mpnet
+
+pytestmark = pytest.mark.server
 
 
 def test_embedded_default_config_plans_the_seed_ports(tmp_path):

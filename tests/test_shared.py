@@ -360,6 +360,17 @@ def test_journal_corruption_in_the_middle_is_refused_with_its_offset():
         replay_journal(bytes(bad_length), {}, "journal")
 
 
+def load_state(path: Path) -> dict[str, dict[Any, Any]]:
+    """What a master started now would load from *path*. ``forget`` closes the journal that
+    ``load`` opens for appending, without the compaction ``close`` would do (that would change
+    the files under the test)."""
+    store = Store(path, "always")
+    try:
+        return store.load()
+    finally:
+        store.forget()
+
+
 def test_store_snapshot_and_journal_round_trip(tmp_path):
     path = tmp_path / "state.db"
     cluster = Cluster(1, state_file=str(path))
@@ -368,7 +379,7 @@ def test_store_snapshot_and_journal_round_trip(tmp_path):
     del table["a"]
     cluster.settle()
     expected = {"t": {"b": b"\x00\xff", "c": [1, {"x": None}]}}
-    assert Store(path, "always").load() == expected  # from the journal alone
+    assert load_state(path) == expected  # from the journal alone
     cluster.master.close()  # compacts: snapshot written, journal emptied
     assert path.exists() and (tmp_path / "state.db.journal").stat().st_size == 0
     store = Store(path, "always")
@@ -404,7 +415,7 @@ def test_with_fsync_always_nothing_is_sent_before_the_journal_holds_it(tmp_path)
         deliver = worker.end.send_frame
 
         def send_frame(frame, deliver=deliver):
-            durable_when_sent.append(Store(path, "always").load())
+            durable_when_sent.append(load_state(path))
             deliver(frame)
 
         worker.end.send_frame = send_frame
@@ -617,6 +628,7 @@ def _wait_converged(probes: list[Probe], table: str) -> list[Any]:
     return dumps[0]
 
 
+@pytest.mark.server
 def test_concurrent_writers_converge_and_a_later_worker_sees_the_same(probe_server):
     server, port = probe_server(workers=2)
     probes = _probes_on_distinct_workers(port, 2)
@@ -647,6 +659,7 @@ def test_concurrent_writers_converge_and_a_later_worker_sees_the_same(probe_serv
             probe.close()
 
 
+@pytest.mark.server
 def test_incr_is_exact_from_every_worker(probe_server):
     _, port = probe_server(workers=2)
     probes = _probes_on_distinct_workers(port, 2)
@@ -663,6 +676,7 @@ def test_incr_is_exact_from_every_worker(probe_server):
             client.close()
 
 
+@pytest.mark.server
 def test_broadcasts_arrive_in_the_same_order_in_every_worker(probe_server):
     _, port = probe_server(workers=3)
     probes = _probes_on_distinct_workers(port, 3)
@@ -704,6 +718,7 @@ def _claimer(
         i += 1
 
 
+@pytest.mark.server
 def test_kill_9_of_a_worker_mid_burst_loses_no_acknowledged_write(probe_server):
     server, port = probe_server(workers=2)
     probes = _probes_on_distinct_workers(port, 2)
@@ -747,6 +762,7 @@ def _state_config(tmp_path: Path, **keys: Any) -> dict[str, Any]:
     return {"state_file": str(tmp_path / "state" / "tables.db"), **keys}
 
 
+@pytest.mark.server
 def test_state_survives_a_graceful_restart(probe_server, tmp_path):
     keys = _state_config(tmp_path)
     server, port = probe_server(workers=2, **keys)
@@ -805,6 +821,7 @@ def _acked_run_then_kill_9(probe_server, tmp_path: Path, keys: dict[str, Any]) -
     return acked[0] + acked[1]
 
 
+@pytest.mark.server
 def test_kill_9_of_master_with_fsync_always_loses_nothing_acknowledged(probe_server, tmp_path):
     keys = _state_config(tmp_path, state_fsync="always")
     acked = _acked_run_then_kill_9(probe_server, tmp_path, keys)
@@ -816,6 +833,7 @@ def test_kill_9_of_master_with_fsync_always_loses_nothing_acknowledged(probe_ser
     assert len(acked) <= state["count"] <= len(acked) + 2
 
 
+@pytest.mark.server
 def test_journal_cut_short_at_the_end_still_loads(probe_server, tmp_path):
     keys = _state_config(tmp_path, state_fsync="always")
     acked = _acked_run_then_kill_9(probe_server, tmp_path, keys)
@@ -848,6 +866,7 @@ def _corrupt_the_middle(tmp_path: Path, probe_server) -> tuple[Path, int]:
     return journal, target
 
 
+@pytest.mark.server
 def test_journal_corrupt_in_the_middle_refuses_to_start(probe_server, tmp_path):
     journal, offset = _corrupt_the_middle(tmp_path, probe_server)
     result = run_mpnet(tmp_path, "serve", "-c", str(tmp_path / "mpnet.toml"))
@@ -855,6 +874,7 @@ def test_journal_corrupt_in_the_middle_refuses_to_start(probe_server, tmp_path):
     assert f"{journal}: corrupt record at byte {offset}" in result.stderr
 
 
+@pytest.mark.server
 def test_journal_corruption_is_reported_as_one_clear_line(probe_server, tmp_path):
     journal, offset = _corrupt_the_middle(tmp_path, probe_server)
     result = run_mpnet(tmp_path, "serve", "-c", str(tmp_path / "mpnet.toml"))
@@ -863,6 +883,7 @@ def test_journal_corruption_is_reported_as_one_clear_line(probe_server, tmp_path
     assert f"cannot start: {journal}: corrupt record at byte {offset}" in result.stderr
 
 
+@pytest.mark.server
 def test_non_plain_value_raises_type_error_in_the_writing_module(probe_server):
     _, port = probe_server(workers=1)
     with Probe(port) as probe:
@@ -872,6 +893,7 @@ def test_non_plain_value_raises_type_error_in_the_writing_module(probe_server):
         assert probe.call("incr", "t", "still", 1) == 1  # the worker carries on
 
 
+@pytest.mark.server
 def test_malformed_frame_from_a_worker_kills_only_that_worker(probe_server):
     server, port = probe_server(workers=2)
     probes = _probes_on_distinct_workers(port, 2)
@@ -921,6 +943,7 @@ def test_atomics_are_sent_at_the_call_and_fail_when_the_channel_is_lost():
     asyncio.run(scenario())
 
 
+@pytest.mark.server
 def test_atomics_in_flight_fail_at_once_when_the_master_dies(probe_server):
     server, port = probe_server(workers=1, graceful_timeout=20)
     with Probe(port) as probe:
@@ -933,6 +956,7 @@ def test_atomics_in_flight_fail_at_once_when_the_master_dies(probe_server):
     assert "SharedError" in answer.get("error", "")
 
 
+@pytest.mark.server
 def test_shared_operations_after_the_master_died_fail_at_once(probe_server):
     server, port = probe_server(workers=1, graceful_timeout=20)
     with Probe(port) as probe:

@@ -61,11 +61,14 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def kill_process(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL ``proc`` by its PID if it still runs, then reap it."""
+    """SIGKILL ``proc`` by its PID if it still runs, then reap it and close its pipes."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=DEADLINE)
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 def child_env() -> dict[str, str]:
@@ -488,6 +491,7 @@ def read_line(proc: subprocess.Popen[bytes], deadline: float) -> bytes:
     return data.split(b"\n", 1)[0]
 
 
+@pytest.mark.server
 @needs_socket_activate
 def test_listen_fds_with_systemd_socket_activate() -> None:
     """The real activator binds two named sockets; the child takes them on first connect.

@@ -38,6 +38,8 @@ from harness import (
     wait_for,
 )
 
+pytestmark = pytest.mark.server
+
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 BLOCKER_MODULE = """\

@@ -18,6 +18,8 @@ import psutil
 import pytest
 from harness import Client, config, wait_for, worker_status
 
+pytestmark = pytest.mark.server
+
 # One module for most tests: greets, echoes, and obeys a few commands.
 TOOLS = """
 import mpnet.workers.connection

@@ -21,6 +21,8 @@ from harness import BioClient, Client, config, free_port, wait_for
 
 from mpnet.pure.proxyproto import build_v1, build_v2
 
+pytestmark = pytest.mark.server
+
 WHOIS = """
 class listener:
     def onconnect(conn):

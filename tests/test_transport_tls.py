@@ -26,6 +26,8 @@ from harness import BioClient, Client, config, wait_for, worker_status
 
 from mpnet.workers.tls import ServerHandshake
 
+pytestmark = pytest.mark.server
+
 TLS_ECHO = """
 class listener:
     def onconnect(conn):

@@ -18,8 +18,12 @@ Decisions the spec leaves open, made here:
 * ``family`` is a string: ``"TCP4"``, ``"TCP6"``, ``"UDP4"``, ``"UDP6"`` (v2 datagram),
   ``"UNIX"`` (v2 AF_UNIX, stream or datagram, see ``transport``) or ``"UNKNOWN"``.
   ``source``/``destination`` are ``(ip, port)`` with ``ip`` in ``ipaddress``'s textual form,
-  only for the four IP families. For ``"UNIX"`` they are None and the socket paths are in
-  ``source_path``/``destination_path``. For ``"UNKNOWN"`` (v1 ``UNKNOWN``, v2 ``LOCAL``, v2
+  only for the four IP families. An IPv4-mapped IPv6 address (``::ffff:192.0.2.1``, what a
+  dual-stack balancer sends for an IPv4 client) is given as its IPv4 address (``192.0.2.1``):
+  that is the client, and its text would otherwise differ between Python versions (3.13 writes
+  ``::ffff:192.0.2.1``, earlier ones ``::ffff:c000:201``); ``family`` stays what the header
+  said. For ``"UNIX"`` they are None and the socket paths are in ``source_path``/
+  ``destination_path``. For ``"UNKNOWN"`` (v1 ``UNKNOWN``, v2 ``LOCAL``, v2
   AF_UNSPEC) they are None: use the connection's real peer address.
 * v2 ``LOCAL`` (health checks): the spec says to ignore the address block including the
   family, so any family byte is accepted and ``family`` is ``"UNKNOWN"``. The same holds for
@@ -326,8 +330,8 @@ class ProxyHeaderParser:
             destination = (str(ipaddress.IPv4Address(block[4:8])), _u16(block, 10))
             return ProxyResult(2, "PROXY", family, transport, source, destination, tlvs, remaining)
         if addr_len == 36:
-            source = (str(ipaddress.IPv6Address(block[0:16])), _u16(block, 32))
-            destination = (str(ipaddress.IPv6Address(block[16:32])), _u16(block, 34))
+            source = (_ipv6_text(ipaddress.IPv6Address(block[0:16])), _u16(block, 32))
+            destination = (_ipv6_text(ipaddress.IPv6Address(block[16:32])), _u16(block, 34))
             return ProxyResult(2, "PROXY", family, transport, source, destination, tlvs, remaining)
         if addr_len == 216:
             return ProxyResult(
@@ -404,9 +408,16 @@ def _v1_ipv6(text: bytes, which: str) -> str:
     if not text or not _V1_IPV6_CHARS.issuperset(text):
         raise ProxyProtocolError(f"v1: bad TCP6 {which} address {text!r}")
     try:
-        return str(ipaddress.IPv6Address(text.decode("ascii")))
+        address = ipaddress.IPv6Address(text.decode("ascii"))
     except ValueError:
         raise ProxyProtocolError(f"v1: bad TCP6 {which} address {text!r}") from None
+    return _ipv6_text(address)
+
+
+def _ipv6_text(address: ipaddress.IPv6Address) -> str:
+    """The text of *address*, or of the IPv4 address it maps (see the module's docstring)."""
+    mapped = address.ipv4_mapped
+    return str(mapped if mapped is not None else address)
 
 
 def _v1_port(text: bytes, which: str) -> int:
