@@ -29,7 +29,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .master import Master
 
     config = _load(args)
-    mpnet_log.setup(args.log_level or config["log_level"], config["log_file"], role="master")
+    mpnet_log.setup(
+        args.log_level or config["log_level"],
+        config["log_file"],
+        role="master",
+        log_format=config["log_format"],
+        module_levels=config["log_levels"],
+    )
     raise_fd_limit()  # inherited by the workers
     master = Master(config, reload_config=lambda: _load(args))
     _attach_systemd(master)
