@@ -5,7 +5,9 @@ Every socket is non-blocking; the master calls :meth:`MetricsServer.accept`,
 so. A slow or hostile scraper costs little: the request head is bounded
 (:data:`~mpnet.pure.httprequest.MAX_HEAD`), a client has :data:`CLIENT_TIMEOUT` seconds to send
 it and read the answer, at most :data:`MAX_CLIENTS` are served at once (more get a 503), and one
-request per connection is answered, then the connection is closed.
+request per connection is answered, then the connection is closed. Closing waits for the client's
+end (discarding up to :data:`LINGER_BYTES` of what it still sends), so an answer sent before the
+whole request was read (431) is not lost to a reset.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from .pure.httprequest import HttpError, RequestParser, route
 
 CLIENT_TIMEOUT = 10.0
 MAX_CLIENTS = 8
+LINGER_BYTES = 65536
 _REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -58,6 +61,8 @@ class MetricsClient:
         self.deadline = deadline
         self.parser = RequestParser()
         self.outbox = bytearray()
+        self.answered = False  # the answer is sent: waiting for the client's end
+        self.discarded = 0
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -107,6 +112,8 @@ class MetricsServer:
                 busy = HttpError(503, f"more than {MAX_CLIENTS} scrapes at once")
                 with contextlib.suppress(OSError):
                     sock.send(error_response(busy))
+                    sock.shutdown(socket.SHUT_WR)
+                    sock.recv(LINGER_BYTES)  # what already came: closing on it would reset
                 sock.close()
                 continue
             client = MetricsClient(sock, time.monotonic() + CLIENT_TIMEOUT)
@@ -123,8 +130,11 @@ class MetricsServer:
         if not data:
             self.drop(client)
             return
-        if client.outbox:
-            return  # answered already: what follows the head is ignored
+        if client.outbox or client.answered:  # what follows the head is ignored
+            client.discarded += len(data)
+            if client.discarded > LINGER_BYTES:
+                self.drop(client)
+            return
         try:
             request = client.parser.feed(data)
         except HttpError as exc:
@@ -157,6 +167,11 @@ class MetricsServer:
             except OSError:
                 break
             del client.outbox[:sent]
+        else:
+            client.answered = True
+            with contextlib.suppress(OSError):
+                client.sock.shutdown(socket.SHUT_WR)
+                return  # closed once the client closes its end (or at its deadline)
         self.drop(client)
 
     def expired(self) -> list[MetricsClient]:
@@ -169,8 +184,6 @@ class MetricsServer:
         if client.closed:
             return
         self.clients.pop(client.sock.fileno(), None)
-        with contextlib.suppress(OSError):
-            client.sock.shutdown(socket.SHUT_WR)
         client.sock.close()
 
     def close(self) -> None:

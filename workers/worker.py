@@ -286,8 +286,7 @@ class Worker:
                 "errors": dict(service.errors),
                 "durations": {cb: h.row() for cb, h in service.durations.items()},
             }
-        times = os.times()
-        process = {"cpu": times.user + times.system, "rss": _resident_bytes(), "lag": self._lag}
+        process = {"cpu": time.process_time(), "rss": _resident_bytes(), "lag": self._lag}
         return Metrics(services, process)
 
     # -- stopping -----------------------------------------------------------------------------
