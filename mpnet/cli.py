@@ -60,7 +60,7 @@ def _attach_systemd(master: Any) -> None:
 def cmd_check(args: argparse.Namespace) -> int:
     """Load everything in a throwaway process and print the port plan (like ``nginx -t``)."""
     config = _load(args)
-    mpnet_log.setup("warn", None, role="checker")
+    mpnet_log.setup("warn", None, role="checker", log_format=config["log_format"])
     report = check_modules(config, float(config["boot_timeout"]))
     plans = plan_services(config, report["services"])
     ledger = PortLedger(config["backlog"])

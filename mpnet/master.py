@@ -197,6 +197,8 @@ class Master:
         addresses = self.config["metrics_listen"]
         if not addresses:
             return
+        from . import exposition  # noqa: F401  (imported now, not in the first scrape)
+
         try:
             server = MetricsServer(
                 [parse_listen_address(a) for a in addresses], self.metrics_page, log

@@ -212,6 +212,22 @@ def test_counters_never_go_backwards_across_kill_9_reload_and_ttin_ttou(serve) -
         assert cpu >= value(before, "mpnet_worker_cpu_seconds_total", slot=slot)
 
 
+def test_a_failed_reload_is_counted_and_the_workers_serve_on(serve) -> None:
+    server = serve(workers=1)
+    mport = metrics_port(server)
+    module = server.directory / "counting.py"
+    good = module.read_text()
+    module.write_text("raise RuntimeError('broken on purpose')\n")
+    server.signal(signal.SIGHUP)
+    server.wait_log(r"reload failed", what="the reload to fail")
+    module.write_text(good)
+    figures = scrape(mport)
+    assert value(figures, "mpnet_reloads_total", result="failure") == 1
+    assert value(figures, "mpnet_reloads_total", result="success") == 0
+    assert value(figures, "mpnet_workers", state="ready") == 1
+    assert value(figures, "mpnet_worker_restarts_total", reason="crashed") == 0
+
+
 def test_openmetrics_when_the_scraper_asks_for_it(serve) -> None:
     server = serve(workers=1)
     mport = metrics_port(server)
