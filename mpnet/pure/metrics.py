@@ -18,6 +18,7 @@ The report's shape (plain data, for msgpack)::
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import Any
 
 from .messages import ChannelError
@@ -142,12 +143,7 @@ class DurationHistogram:
         self.total = 0.0
 
     def observe(self, seconds: float) -> None:
-        index = 0
-        for bound in DURATION_BUCKETS:
-            if seconds <= bound:
-                break
-            index += 1
-        self.counts[index] += 1
+        self.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1  # the first bound >= seconds
         self.total += seconds
 
     def row(self) -> list[Any]:
