@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mpnet.metricsserver import CLIENT_TIMEOUT, MAX_CLIENTS
 
 COUNTING_MODULE = """\
-import os
+import os, time
 hits = module.shared("hits")
 class listener:
     def onconnect(conn):
@@ -32,6 +32,8 @@ class listener:
     async def onincoming(conn, data):
         if data.startswith(b"boom"):
             raise ValueError("boom on purpose")
+        if data.startswith(b"block"):
+            time.sleep(600)
         await hits.incr("n")
         conn.write(data)
 module.provides("net", listener=listener, default_port=0)
@@ -225,6 +227,32 @@ def test_a_failed_reload_is_counted_and_the_workers_serve_on(serve) -> None:
     assert value(figures, "mpnet_reloads_total", result="failure") == 1
     assert value(figures, "mpnet_reloads_total", result="success") == 0
     assert value(figures, "mpnet_workers", state="ready") == 1
+    assert value(figures, "mpnet_worker_restarts_total", reason="crashed") == 0
+
+
+def test_refusals_and_blocked_workers_are_counted_by_reason(serve) -> None:
+    server = serve(workers=1, counting_max_connections=1, worker_timeout=2)
+    port, mport = server.port("counting"), metrics_port(server)
+    with Client(port) as first:
+        first.read_until(b"\n")
+        with Client(port) as second:
+            assert second.read_to_eof() == b""  # refused: closed at once
+        reason = {"service": "counting", "reason": "counting_max_connections"}
+        wait_for(
+            lambda: value(scrape(mport), "mpnet_connections_refused_total", **reason) == 1,
+            what="the refusal to be reported",
+        )
+        first.send(b"block\n")  # its loop stops: killed after worker_timeout, replaced
+        wait_for(lambda: "event loop blocked" in server.log, timeout=60, what="the health check")
+
+    def replaced() -> Figures | None:
+        figures = scrape(mport)
+        restarts = value(figures, "mpnet_worker_restarts_total", reason="unresponsive")
+        return figures if restarts == 1 and value(figures, "mpnet_workers", state="ready") else None
+
+    figures = wait_for(replaced, timeout=60, what="the blocked worker to be replaced")
+    assert value(figures, "mpnet_connections_refused_total", **reason) == 1
+    assert value(figures, "mpnet_connections_accepted_total", service="counting") == 1
     assert value(figures, "mpnet_worker_restarts_total", reason="crashed") == 0
 
 
