@@ -422,3 +422,44 @@ def test_a_metrics_port_in_use_stops_the_start_naming_it(tmp_path: Path) -> None
         result = run_mpnet(tmp_path, "serve", "-c", "mpnet.toml")
     assert result.returncode == 1
     assert f"metrics_listen 127.0.0.1:{busy}" in result.stderr
+
+
+TLS_MODULE = """\
+class listener:
+    def onconnect(conn):
+        conn.write("hello\\n")
+module.provides("net", listener=listener, default_port=0, encryption="ssl")
+"""
+
+
+def test_failed_tls_handshakes_are_counted_and_never_accepted(tmp_path: Path) -> None:
+    import ssl
+
+    from test_transport_tls import make_cert, ssl_table
+
+    cert, key = make_cert(tmp_path)
+    (tmp_path / "tlsecho.py").write_text(TLS_MODULE)
+    text = config(["./tlsecho.py"], workers=1, tlsecho_ports=[0], metrics_listen="127.0.0.1:0")
+    server = Server(tmp_path, text + f"ssl = {ssl_table(cert, key)}\n")
+    try:
+        server.start()
+        port, mport = server.port("tlsecho"), metrics_port(server)
+        with Client(port) as plain:  # not TLS: the handshake fails
+            plain.send(b"hello in the clear\r\n\r\n")
+            assert plain.read_to_eof() == b""
+        context = ssl.create_default_context(cafile=str(cert))
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            assert tls.recv(100) == b"hello\n"
+
+        def counted() -> Figures | None:
+            figures = scrape(mport)
+            failed = value(figures, "mpnet_tls_handshake_failures_total", service="tlsecho")
+            accepted = value(figures, "mpnet_connections_accepted_total", service="tlsecho")
+            return figures if (failed, accepted) == (1, 1) else None
+
+        wait_for(counted, what="one failed handshake and one accepted connection")
+    finally:
+        server.stop()
