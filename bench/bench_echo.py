@@ -4,6 +4,7 @@ Run by hand (not in CI), after ``bench/build.sh``::
 
     python bench/bench_echo.py [--rounds 5] [--seconds 5] [--connections 50]
     python bench/bench_echo.py --baselines uvloop,node,prosody
+    python bench/bench_echo.py --metrics    # mpnet with metrics off vs on (and the histogram)
 
 The baselines, each echoing every chunk straight back: ``uvloop`` (a raw ``asyncio.Protocol``
 server on uvloop, bench/baseline_echo.py; the default), ``asyncio`` (the same on the stdlib loop),
@@ -23,6 +24,10 @@ Over each load window it samples the CPU time (user + system) of the server's wh
 (the root process and all its descendants), so the result depends much less on how much CPU the
 noisy machine happened to leave over: *messages per server CPU-second* is the figure to compare.
 The headline is the ratio mpnet / baseline of that figure, the median of the per-round ratios.
+
+``--metrics`` measures what metrics cost instead: mpnet as usual against ``mpnet-m`` (the same
+with ``metrics_listen`` set, scraped once a second during every window) and ``mpnet-h`` (that,
+plus ``metrics_callback_durations = true``); the budget is 2 % more server CPU per message.
 
 Every error that loadgen counts is printed; if there is any, a banner says so and the exit status
 is 1.  Every process this script starts is stopped by PID in ``finally`` blocks, Ctrl-C included
@@ -62,6 +67,10 @@ PROSODY_PLUGINS = BENCH_DIR / "prosody"  # holds mod_bench_echo.lua
 ERROR_KINDS = ("refused", "reset", "timeout", "truncated", "mismatch", "other")
 TESTS = ("echo", "connect")
 BASELINE_KINDS = ("uvloop", "asyncio", "node", "prosody")
+METRICS_KINDS = ("mpnet-m", "mpnet-h")  # --metrics: metrics on; and the callback histogram too
+METRICS_BUDGET = 0.02  # with metrics on, at most 2 % more server CPU per message
+SCRAPE_EVERY = 1.0
+metrics_ports: dict[int, int] = {}  # service port -> metrics port, for the scraper
 # The targets for the ratio mpnet / baseline of work per server CPU-second ("per core").  The
 # project brief: within 5 % of a raw uvloop Protocol server (echo), 1.4x a Node cluster and 2x
 # Prosody on the same load; README.md's benchmark table holds connect to >= 0.90 of uvloop.
@@ -336,7 +345,7 @@ def server_command(
     kind: str, port: int, workdir: Path, args: argparse.Namespace
 ) -> tuple[list[str], dict[str, str] | None]:
     """The command line (and environment, None to inherit) of one server of the given kind."""
-    if kind == "mpnet":
+    if kind == "mpnet" or kind in METRICS_KINDS:
         config = workdir / f"mpnet-{port}.toml"
         text = (
             "workers = 1\n"
@@ -344,6 +353,11 @@ def server_command(
             'interfaces = ["127.0.0.1"]\n'
             f"echo_raw_ports = [{port}]\n"
         )
+        if kind in METRICS_KINDS:
+            metrics_ports[port] = free_port()
+            text += f'metrics_listen = "127.0.0.1:{metrics_ports[port]}"\n'
+            if kind == "mpnet-h":
+                text += "metrics_callback_durations = true\n"
         if os.geteuid() == 0:
             # mpnet refuses to run its workers as root unless told to (or given `user`).
             text += "allow_root = true\n"
@@ -456,6 +470,39 @@ def loadgen_cmd(test: str, port: int, seconds: float, args: argparse.Namespace) 
     ]
 
 
+@contextlib.contextmanager
+def scraping(port: int | None) -> Iterator[None]:
+    """GET /metrics every SCRAPE_EVERY seconds from a thread while the block runs (a scrape
+    costs the master CPU, counted in the server's tree like the rest)."""
+    if port is None:
+        yield
+        return
+    import threading
+    import urllib.request
+
+    stop = threading.Event()
+    failures: list[str] = []
+
+    def scrape() -> None:
+        while not stop.is_set():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    r.read()
+            except OSError as exc:
+                failures.append(str(exc))
+            stop.wait(SCRAPE_EVERY)
+
+    thread = threading.Thread(target=scrape, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(10)
+        if failures:
+            print(f"  ! {len(failures)} scrape(s) failed: {failures[0]}")
+
+
 def measure(server: Server, test: str, rnd: int, args: argparse.Namespace) -> Run:
     """Run one load window and account the server tree's CPU over it."""
     root = server.ps
@@ -463,7 +510,8 @@ def measure(server: Server, test: str, rnd: int, args: argparse.Namespace) -> Ru
     before = sample_tree(root)
     lg_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
-    result = run_loadgen(cmd, args.seconds + 60, args.loadgen_cpu)
+    with scraping(metrics_ports.get(server.port)):
+        result = run_loadgen(cmd, args.seconds + 60, args.loadgen_cpu)
     wall = time.monotonic() - t0
     lg_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     after = sample_tree(root)
@@ -593,6 +641,14 @@ def summarize(runs: list[Run], kinds: list[str], args: argparse.Namespace) -> No
                     f"{len(per_cpu)} rounds where both had >= {SATURATED:.0%} of a core: "
                     f"{median(saturated):5.3f} [{min(saturated):.3f} .. {max(saturated):.3f}]"
                 )
+            if base in METRICS_KINDS:
+                # per_cpu is off/on of messages per CPU-second: on costs this much more CPU
+                cost = median(per_cpu) - 1
+                met = "met" if cost <= METRICS_BUDGET else "NOT met"
+                verdicts.append(
+                    f"  {test:<8} {base} costs {cost:+.1%} per message vs metrics off "
+                    f"(budget {METRICS_BUDGET:.0%}) {met}"
+                )
             target = TARGETS.get((test, base))
             if target is not None:
                 met = "met" if median(per_cpu) >= target else "NOT met"
@@ -650,7 +706,9 @@ def choose_kinds(
 
     A baseline whose binary is not found is skipped, with a message saying how to get it.
     """
-    if args.baselines is None:
+    if args.metrics and args.baselines is None:
+        baselines = []
+    elif args.baselines is None:
         baselines = {"uvloop": ["uvloop"], "asyncio": ["asyncio"], "both": ["uvloop", "asyncio"]}[
             args.loop
         ]
@@ -680,6 +738,8 @@ def choose_kinds(
             baselines.remove(kind)
         else:
             setattr(args, kind, found)
+    if args.metrics:
+        baselines += METRICS_KINDS
     kinds = ([] if args.no_mpnet else ["mpnet"]) + baselines
     return kinds, skipped
 
@@ -754,6 +814,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="pin loadgen to the first CPU and the server's process tree to the last one",
     )
     p.add_argument("--no-mpnet", action="store_true", help="measure the baseline(s) only")
+    p.add_argument(
+        "--metrics",
+        action="store_true",
+        help="measure mpnet with metrics off against on (mpnet-m, scraped every second) and on "
+        "with the callback histogram (mpnet-h); without --baselines, no other baseline",
+    )
     p.add_argument(
         "--mpnet-cmd",
         default=None,

@@ -29,7 +29,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .master import Master
 
     config = _load(args)
-    mpnet_log.setup(args.log_level or config["log_level"], config["log_file"], role="master")
+    mpnet_log.setup(
+        args.log_level or config["log_level"],
+        config["log_file"],
+        role="master",
+        log_format=config["log_format"],
+        module_levels=config["log_levels"],
+    )
     raise_fd_limit()  # inherited by the workers
     master = Master(config, reload_config=lambda: _load(args))
     _attach_systemd(master)
@@ -54,7 +60,7 @@ def _attach_systemd(master: Any) -> None:
 def cmd_check(args: argparse.Namespace) -> int:
     """Load everything in a throwaway process and print the port plan (like ``nginx -t``)."""
     config = _load(args)
-    mpnet_log.setup("warn", None, role="checker")
+    mpnet_log.setup("warn", None, role="checker", log_format=config["log_format"])
     report = check_modules(config, float(config["boot_timeout"]))
     plans = plan_services(config, report["services"])
     ledger = PortLedger(config["backlog"])

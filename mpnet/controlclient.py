@@ -139,6 +139,45 @@ def print_status(status: dict[str, Any]) -> None:
         print(
             f"  {service['name']} (module {service['module']}) -> {', '.join(service['endpoints'])}"
         )
+    figures = status.get("metrics")
+    if figures:
+        print_service_figures(figures)
+
+
+def _by_service(figures: dict[str, Any], name: str) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for row in figures.get(name, []):
+        totals[row["service"]] = totals.get(row["service"], 0) + row["value"]
+    return totals
+
+
+def _amount(number: float) -> str:
+    for unit in ("", "k", "M", "G"):
+        if abs(number) < 1000:
+            return f"{number:.0f}{unit}" if unit == "" else f"{number:.1f}{unit}"
+        number /= 1000
+    return f"{number:.1f}T"
+
+
+def print_service_figures(figures: dict[str, Any]) -> None:
+    """Per service, since mpnet started (counters survive worker restarts and reloads)."""
+    columns = {
+        "accepted": "mpnet_connections_accepted_total",
+        "open": "mpnet_connections_open",
+        "refused": "mpnet_connections_refused_total",
+        "bytes-in": "mpnet_received_bytes_total",
+        "bytes-out": "mpnet_sent_bytes_total",
+        "errors": "mpnet_callback_errors_total",
+        "tls-fail": "mpnet_tls_handshake_failures_total",
+    }
+    values = {title: _by_service(figures, name) for title, name in columns.items()}
+    services = sorted({service for column in values.values() for service in column})
+    rows = [("service", *columns)]
+    for service in services:
+        rows.append((service, *(_amount(values[t].get(service, 0)) for t in columns)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)))
 
 
 def _command(
@@ -186,6 +225,25 @@ def _reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _watch(args: argparse.Namespace) -> int:
+    """``mpnet top`` (and ``status --watch``): redraw the status every *interval* seconds until
+    interrupted."""
+    path = _socket_path(args)
+    try:
+        while True:
+            try:
+                status = _status(path, args.timeout)
+            except ControlError as exc:
+                print(f"mpnet: error: {exc}", file=sys.stderr)
+                return 1
+            sys.stdout.write("\x1b[H\x1b[2J")  # cursor home, clear the screen
+            print_status(status)
+            sys.stdout.flush()
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
 def _status(path: Path, timeout: float) -> dict[str, Any]:
     status = request(path, StatusRequest(), timeout=timeout).status
     if status is None:
@@ -204,9 +262,15 @@ def add_commands(commands: Any) -> None:
     status = commands.add_parser("status", help="show workers and services of a running mpnet")
     common(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.set_defaults(
-        func=_command(lambda a: StatusRequest(), lambda r: print_status(r.status or {}))
-    )
+    status.add_argument("--watch", action="store_true", help="refresh every --interval seconds")
+    status.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    show_once = _command(lambda a: StatusRequest(), lambda r: print_status(r.status or {}))
+    status.set_defaults(func=lambda a: _watch(a) if a.watch else show_once(a))
+
+    top = commands.add_parser("top", help="the status table, refreshed every second")
+    common(top)
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    top.set_defaults(func=_watch)
 
     reload = commands.add_parser("reload", help="reload config and modules without downtime")
     common(reload)

@@ -13,11 +13,12 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .channel import MasterChannel
-from .pure.messages import BootError, Heartbeat, Message, NotAccepting, Ready, Stopped
+from .pure.messages import BootError, Heartbeat, Message, Metrics, NotAccepting, Ready, Stopped
+from .pure.metrics import Samples, flatten
 
 log = logging.getLogger("mpnet.handle")
 
@@ -43,6 +44,9 @@ class WorkerHandle:
     accepting: bool = True  # False once it closed its listening sockets (when stopping)
     kill_at: float | None = None  # SIGKILL after this time (drain deadline, traceback grace)
     log_sock: socket.socket | None = None  # SIGUSR1 hands the reopened log file over here
+    # Its latest Metrics report, checked and flattened (mpnet.pure.metrics).
+    metric_counters: Samples = field(default_factory=dict)
+    metric_gauges: Samples = field(default_factory=dict)
 
     @property
     def active(self) -> bool:
@@ -60,6 +64,8 @@ class WorkerHandle:
             self.last_heartbeat = time.monotonic()
             self.connections, self.served = message.connections, message.served
             self.refused, self.tls_failures = message.refused, message.tls_failures
+        elif type(message) is Metrics:
+            self.metric_counters, self.metric_gauges = flatten(*message, self.slot)
         elif type(message) is Ready:
             if self.state == "booting":
                 self.state = "ready"

@@ -38,8 +38,10 @@ from .handle import WorkerHandle, describe_exit
 from .health import Health
 from .iplimit import IPCountTable
 from .journal import StateFileError
+from .metrics import MetricsBook, to_json
+from .metricsserver import MetricsClient, MetricsServer
 from .portmanager import PortConflict, PortLedger, plan_services
-from .pure.config import Config, ConfigError
+from .pure.config import Config, ConfigError, parse_listen_address
 from .pure.controlproto import (
     ControlReply,
     ControlRequest,
@@ -101,6 +103,8 @@ class Master:
         self.shared = SharedMaster(config)
         self.ip_counts = IPCountTable.for_workers(config.worker_count)  # a row per live worker
         self.control: ControlServer | None = None
+        self.metrics = MetricsBook()
+        self.metrics_server: MetricsServer | None = None
         self.notifier: Any = None  # systemd notifier, set by the CLI when running under systemd
         self.started_at = time.time()
         self._next_housekeeping = 0.0
@@ -131,6 +135,8 @@ class Master:
             self.ledger.close_all()
             if self.control is not None:
                 self.control.close()
+            if self.metrics_server is not None:
+                self.metrics_server.close()
             self.shared.close()
 
     # -- start-up -----------------------------------------------------------------------------
@@ -151,6 +157,7 @@ class Master:
         except (PortConflict, StateFileError, OSError) as exc:
             raise StartError(str(exc)) from None
         self._open_control()
+        self._open_metrics()
         for line in self.ledger.describe():
             log.info("service %s", line)
         self.generation = 1
@@ -185,6 +192,23 @@ class Master:
             return
         self.selector.register(self.control, selectors.EVENT_READ, "control")
         log.debug("control socket at %s", path)
+
+    def _open_metrics(self) -> None:
+        addresses = self.config["metrics_listen"]
+        if not addresses:
+            return
+        from . import exposition  # noqa: F401  (imported now, not in the first scrape)
+
+        try:
+            server = MetricsServer(
+                [parse_listen_address(a) for a in addresses], self.metrics_page, log
+            )
+        except OSError as exc:
+            raise StartError(str(exc)) from None
+        self.metrics_server = server
+        for sock in server.listeners:
+            self.selector.register(sock, selectors.EVENT_READ, "metrics")
+        log.info("metrics on %s", ", ".join(f"http://{e}/metrics" for e in server.endpoints()))
 
     def _all_ready(self) -> bool:
         ready = {h.slot for h in self._current() if h.state == "ready"}
@@ -235,6 +259,11 @@ class Master:
             for client in self.control.expire():
                 with contextlib.suppress(KeyError, ValueError):
                     self.selector.unregister(client)
+        if self.metrics_server is not None:
+            for scraper in self.metrics_server.expired():
+                with contextlib.suppress(KeyError, ValueError):
+                    self.selector.unregister(scraper)
+                self.metrics_server.drop(scraper)
 
     def _next_timeout(self) -> float:
         """Sleep until the next thing due: a respawn, a SIGKILL deadline, a watchdog ping."""
@@ -273,6 +302,12 @@ class Master:
                 self._update_interest(data)
             elif data == "checker":
                 self.reloads.on_readable()
+            elif data == "metrics":
+                assert self.metrics_server is not None
+                for scraper in self.metrics_server.accept(key.fileobj):  # type: ignore[arg-type]
+                    self._register(scraper, selectors.EVENT_READ, scraper)
+            elif isinstance(data, MetricsClient):
+                self._metrics_client_event(data, mask)
             else:
                 self._control_client_event(data, mask)
 
@@ -287,6 +322,18 @@ class Master:
         if client.sock.fileno() != -1:  # still talking: wait for more in or room out
             events = selectors.EVENT_WRITE if client.outbox else selectors.EVENT_READ
             self._register(client, events, client)
+
+    def _metrics_client_event(self, scraper: MetricsClient, mask: int) -> None:
+        assert self.metrics_server is not None
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(scraper)
+        if mask & selectors.EVENT_READ:
+            self.metrics_server.on_readable(scraper)
+        elif mask & selectors.EVENT_WRITE:
+            self.metrics_server.on_writable(scraper)
+        if not scraper.closed:  # wait for the rest of the request, or room for the answer
+            events = selectors.EVENT_WRITE if scraper.outbox else selectors.EVENT_READ
+            self._register(scraper, events, scraper)
 
     def _register(self, fileobj: Any, events: int, data: Any) -> None:
         """Register a new socket. A channel closed by a failed write is still keyed by its old
@@ -460,6 +507,11 @@ class Master:
             self.control.sock.close()
             for client in self.control.clients.values():
                 client.sock.close()
+        if self.metrics_server is not None:
+            for sock in self.metrics_server.listeners:
+                sock.close()
+            for scraper in self.metrics_server.clients.values():
+                scraper.sock.close()
         slot_sockets = self.ledger.slot_sockets(slot) if slot is not None else {}
         keep = {id(sock) for pairs in slot_sockets.values() for _, sock in pairs}
         for sock in self.ledger.all_sockets():
@@ -481,7 +533,7 @@ class Master:
     def _reap(self) -> None:
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             except OSError as exc:
@@ -498,6 +550,7 @@ class Master:
             if not handle.channel.closed:
                 self._read_channel(handle)  # a last boot_error may still be in the socket
             self._close_channel(handle)
+            self.metrics.retire(handle, usage.ru_utime + usage.ru_stime)
             self._on_worker_exit(handle, status)
 
     def _on_worker_exit(self, handle: WorkerHandle, status: int) -> None:
@@ -518,6 +571,12 @@ class Master:
             self.reloads.roll_back(f"worker {handle.slot} (pid {handle.pid}): {reason}")
             return
         code = os.waitstatus_to_exitcode(status)
+        if handle.boot_error or code == EXIT_BOOT_ERROR:
+            self.metrics.restarted("boot_error")
+        elif handle.kill_at is not None:  # killed by the health check: its loop was blocked
+            self.metrics.restarted("unresponsive")
+        else:
+            self.metrics.restarted("crashed")
         if handle.boot_error or code == EXIT_BOOT_ERROR:
             log.error(
                 "worker %d (pid %d) could not start: %s",
@@ -576,6 +635,8 @@ class Master:
             elif self._outdated(handle):
                 successor = current.get(handle.slot)
                 if successor is not None and successor.state == "ready":
+                    if handle.recycle:
+                        self.metrics.restarted("memory")
                     why = (
                         "recycled"
                         if handle.recycle
@@ -744,7 +805,14 @@ class Master:
             self.selector.unregister(check)
 
     def adopt(self, config: Config, slots: int, generation: int) -> None:
-        mpnet_log.setup(config["log_level"], config["log_file"])
+        if config["metrics_listen"] != self.config["metrics_listen"]:
+            log.warning("metrics_listen changed: it takes effect when mpnet restarts")
+        mpnet_log.setup(
+            config["log_level"],
+            config["log_file"],
+            log_format=config["log_format"],
+            module_levels=config["log_levels"],
+        )
         self.config, self.slots, self.generation = config, slots, generation
 
     def retire_generation(self, generation: int, why: str) -> None:
@@ -805,7 +873,21 @@ class Master:
             "config": self.config.path,
             "workers": workers,
             "services": services,
+            "metrics_endpoints": self.metrics_server.endpoints() if self.metrics_server else [],
+            "metrics": to_json(self.metric_families()),
         }
+
+    def metric_families(self) -> list[Any]:
+        """Every figure now (see :mod:`mpnet.metrics`)."""
+        return self.metrics.families(
+            self.workers.values(), self.reloads.outcomes, self.shared.operations
+        )
+
+    def metrics_page(self, accept: str) -> tuple[bytes, str]:
+        """The ``GET /metrics`` page for a scraper whose Accept header is *accept*."""
+        from .exposition import render
+
+        return render(self.metric_families(), accept)
 
 
 def _migrates_queued_connections() -> bool:

@@ -125,6 +125,7 @@ class Reloads:
         self._issued = 1  # generation numbers handed out: start-up's is 1; a failed one is skipped
         self.replacing = False  # a reload's generation is replacing the workers
         self.failed: dict[str, Any] | None = None  # the last failure, for status
+        self.outcomes = {"success": 0, "failure": 0}  # for mpnet_reloads_total
 
     @property
     def checking(self) -> bool:
@@ -178,6 +179,7 @@ class Reloads:
         self.replacing = False
         self._rollback = None
         self.failed = None
+        self.outcomes["success"] += 1
         log.info("reload complete: generation %d serves every slot", self._host.generation)
         self._host.notify_ready()
 
@@ -203,6 +205,7 @@ class Reloads:
         host.retire_generation(failed, f"generation {failed} failed to start")
         self.replacing = host.has_outdated()
         self.failed = {"generation": failed, "error": reason}
+        self.outcomes["failure"] += 1
         host.notify_ready(reason)
 
     def cancel(self) -> None:
@@ -277,6 +280,7 @@ class Reloads:
     def _failed(self, reason: str, waiters: list[Deferred]) -> None:
         log.error("reload failed, still serving the previous configuration: %s", reason)
         self.failed = {"generation": None, "error": reason}
+        self.outcomes["failure"] += 1
         self._host.notify_ready(reason)
         for waiter in waiters:
             waiter.resolve(ControlReply.failure(f"reload failed: {reason}"))

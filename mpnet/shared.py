@@ -42,6 +42,7 @@ class SharedMaster:
         self.tables: dict[str, dict[Any, Any]] = {}
         self.sequence = 0
         self._queued: dict[Any, list[bytes]] = {}  # channel -> frames to send at the next tick
+        self.operations: dict[str, int] = {}  # by operation, for mpnet_shared_operations_total
         state_file = config["state_file"]
         self.store = (
             Store(config.resolve_path(state_file), config["state_fsync"]) if (state_file) else None
@@ -95,6 +96,7 @@ class SharedMaster:
             if len(args) != WRITE_ARITY[op] or (op == "update" and type(args[0]) is not dict):
                 raise ChannelError(f"bad arguments for shared write {op!r}")
             check_plain(args)  # the codec decodes deeper nesting than a module may write
+            self.operations[op] = self.operations.get(op, 0) + 1
             self._write(handle.pid, name, op, args, channels)
         elif isinstance(message, AtomicRequest):
             request, name, op, args = message
@@ -107,6 +109,7 @@ class SharedMaster:
             except (SharedError, TypeError, IndexError) as exc:
                 self._queue(handle.channel, _frame(AtomicResult(request, False, str(exc))))
                 return True
+            self.operations[op] = self.operations.get(op, 0) + 1
             reply = _frame(AtomicResult(request, True, answer))
             if effect is None:
                 self._queue(handle.channel, reply)
@@ -116,6 +119,7 @@ class SharedMaster:
         elif isinstance(message, Broadcast):
             topic, payload = message
             check_plain(payload)
+            self.operations["broadcast"] = self.operations.get("broadcast", 0) + 1
             frame = _frame(BroadcastEvent(topic, payload))
             self._fan_out(frame, channels)
         else:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mpnet import iplimit
+from mpnet.pure.metrics import DurationHistogram
 from mpnet.pure.proxyproto import ProxyHeaderParser, ProxyProtocolError
 
 from .tls import ServerHandshake, handshake_failed
@@ -65,6 +66,7 @@ class ServiceSettings:
     proxy_protocol: bool = False
     ssl_context: ssl.SSLContext | None = None
     direct_tls: bool = False  # the handshake starts on accept (after the PROXY header, if any)
+    time_callbacks: bool = False  # metrics_callback_durations: a histogram per callback
 
 
 class WorkerCounters:
@@ -91,7 +93,15 @@ class Service:
         self.logger = provider.module.logger
         self.settings = settings or ServiceSettings()
         self.counters = counters or WorkerCounters()
+        # Plain counters for the metrics (mpnet.pure.metrics), reported with each heartbeat.
+        self.received_bytes = 0
+        self.sent_bytes = 0
+        self.refused_by: dict[str, int] = {}  # by the config key of the limit
+        self.errors: dict[str, int] = {}  # by callback
+        self.durations: dict[str, DurationHistogram] = {}  # by callback, if time_callbacks
         callbacks = provider.callbacks
+        if self.settings.time_callbacks:
+            callbacks = {name: self._timed(name, fn) for name, fn in callbacks.items()}
         self.onconnect = callbacks.get("onconnect")
         self.onincoming = callbacks.get("onincoming")
         self.ondisconnect = callbacks.get("ondisconnect")
@@ -127,8 +137,34 @@ class Service:
     def protocol_factory(self) -> Connection:
         return self.connection_class(self)
 
+    def _timed(self, name: str, callback: Callable[..., Any]) -> Callable[..., Any]:
+        """*callback*, timing each call into ``durations[name]`` (an async one until it ends)."""
+        histogram = self.durations.setdefault(name, DurationHistogram())
+        observe, clock = histogram.observe, time.perf_counter
+
+        async def finish(awaitable: Any, start: float) -> Any:
+            try:
+                return await awaitable
+            finally:
+                observe(clock() - start)
+
+        def timed(*args: Any) -> Any:
+            start = clock()
+            try:
+                result = callback(*args)
+            except BaseException:
+                observe(clock() - start)
+                raise
+            if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+                return finish(result, start)
+            observe(clock() - start)
+            return result
+
+        return timed
+
     def callback_failed(self, callback: str, conn: Connection, exc: BaseException) -> None:
         """Prosody's default: log with module, callback and traceback; the connection lives on."""
+        self.errors[callback] = self.errors.get(callback, 0) + 1
         self.logger.error(
             "%s failed for connection %s (%s) in service %s",
             callback,
@@ -160,6 +196,8 @@ class Service:
 
     def refuse(self, conn: Connection, transport: asyncio.BaseTransport, why: str) -> None:
         self.refused += 1
+        key = why.split(" ", 1)[0]  # the config key of the limit that refused it
+        self.refused_by[key] = self.refused_by.get(key, 0) + 1
         self._refusal_reason = why
         message = self.settings.limit_message
         if message:
@@ -290,6 +328,7 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._activity += 1
+        self._service.received_bytes += len(data)
         onincoming = self._onincoming
         if onincoming is None:
             return
@@ -468,6 +507,7 @@ class Connection(asyncio.Protocol):
             return False
         if data.__class__ is str:
             data = data.encode()  # type: ignore[union-attr]
+        self._service.sent_bytes += len(data)
         transport = self._transport
         transport.write(data)  # type: ignore[union-attr, arg-type]
         if self._paused & PAUSED_BY_BACKPRESSURE and (

@@ -32,6 +32,7 @@ from mpnet.pure.messages import (
     ChannelError,
     Heartbeat,
     Message,
+    Metrics,
     NotAccepting,
     Ready,
     Stopped,
@@ -106,6 +107,7 @@ class Worker:
             HEARTBEAT_INTERVAL, (float(config["worker_timeout"]) or HEARTBEAT_INTERVAL) / 4
         )
         self.counters = WorkerCounters()
+        self._lag = 0.0  # how late the last heartbeat woke up (event-loop lag)
         self._graceful_timeout = float(config["graceful_timeout"])
 
     # -- process entry ------------------------------------------------------------------------
@@ -154,6 +156,7 @@ class Worker:
         for task in self._tasks:
             task.cancel()
         await self._shutdown(mode)
+        self.send(self.metrics())  # the final figures, so a graceful stop loses none
         self.send(Stopped(self.served()))
         await self._flush_channel()
         return EXIT_OK
@@ -259,9 +262,33 @@ class Worker:
                 mpnet_log.adopt(fds[-1])
 
     async def _heartbeat(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             self.send(Heartbeat(self.open_connections(), self.served(), *self.refusals()))
+            self.send(self.metrics())
+            before = loop.time()
             await asyncio.sleep(self._heartbeat_interval)
+            self._lag = max(0.0, loop.time() - before - self._heartbeat_interval)
+
+    def metrics(self) -> Metrics:
+        """This worker's figures since it started (see :mod:`mpnet.pure.metrics`)."""
+        services: dict[str, Any] = {}
+        for name, service in self.services.items():
+            if not isinstance(service, Service):  # multiplexing: its services count the rest
+                services[name] = {"tls_failures": service.handshake_failures}
+                continue
+            services[name] = {
+                "accepted": service.served,
+                "open": len(service.connections),
+                "received": service.received_bytes,
+                "sent": service.sent_bytes,
+                "tls_failures": service.handshake_failures,
+                "refused": dict(service.refused_by),
+                "errors": dict(service.errors),
+                "durations": {cb: h.row() for cb, h in service.durations.items()},
+            }
+        process = {"cpu": time.process_time(), "rss": _resident_bytes(), "lag": self._lag}
+        return Metrics(services, process)
 
     # -- stopping -----------------------------------------------------------------------------
 
@@ -355,7 +382,17 @@ def service_settings(
         limit_message=message.encode() if message else None,
         proxy_protocol=bool(option("proxy_protocol")),
         ssl_context=context,
+        time_callbacks=bool(config["metrics_callback_durations"]),
     )
+
+
+def _resident_bytes() -> int:
+    """This process's resident memory (Linux: /proc/self/statm; elsewhere 0)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def multiplex_rules(loaded: LoadedModules, services: dict[str, Any]) -> Rules:

@@ -14,6 +14,7 @@ only line a user sees.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import tomllib
 from collections.abc import Callable
@@ -31,6 +32,7 @@ allow_root = true
 """
 
 LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 
 class ConfigError(Exception):
@@ -108,6 +110,46 @@ def _table(value: Any) -> str | None:
     return None if isinstance(value, dict) else "a table"
 
 
+def _log_format(value: Any) -> str | None:
+    return None if value in LOG_FORMATS else " or ".join(repr(v) for v in LOG_FORMATS)
+
+
+def _log_levels(value: Any) -> str | None:
+    if isinstance(value, dict) and all(level in LOG_LEVELS for level in value.values()):
+        return None
+    return "a table of module = level, each level one of " + ", ".join(repr(v) for v in LOG_LEVELS)
+
+
+def parse_listen_address(text: str) -> tuple[str, int]:
+    """``"127.0.0.1:9150"`` -> ("127.0.0.1", 9150); ``"[::1]:9150"`` -> ("::1", 9150).
+    Raises ValueError naming what is wrong."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} has no port (host:port, e.g. 127.0.0.1:9150 or [::1]:9150)")
+    bracketed = host.startswith("[") and host.endswith("]")
+    address = host[1:-1] if bracketed else host
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        raise ValueError(f"{text!r}: {host!r} is not an IP address") from None
+    if parsed.version == 6 and not bracketed:
+        raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. [::1]:9150")
+    return address, int(port)
+
+
+def _listen_addresses(value: Any) -> str | None:
+    items = value if isinstance(value, list) else [value]
+    expected = 'an address host:port or a list of them (e.g. "127.0.0.1:9150")'
+    if not items or not all(isinstance(item, str) for item in items):
+        return expected
+    for item in items:
+        try:
+            parse_listen_address(item)
+        except ValueError as exc:
+            return f"{expected}; {exc}"
+    return None
+
+
 @dataclass(frozen=True)
 class Key:
     """One framework key: its check (returns what was expected, or None) and its default."""
@@ -144,6 +186,10 @@ GLOBAL_KEYS: dict[str, Key] = {
     "max_connections_per_ip": Key(_positive_int, None, per_service=True),
     "ssl": Key(_table, None, per_service=True),
     "limit_message": Key(_string, None, per_service=True),
+    "metrics_listen": Key(_listen_addresses, None),
+    "metrics_callback_durations": Key(_bool, False),
+    "log_format": Key(_log_format, "text"),
+    "log_levels": Key(_log_levels, {}),
 }
 
 SERVICE_ONLY_KEYS: dict[str, Key] = {
@@ -210,6 +256,12 @@ class Config:
                 f"{self.path}: key {key!r}: there is no service named {service!r}"
                 f"{hint} (services: {known})"
             )
+        for name in self["log_levels"]:
+            if name not in modules:
+                hint = _suggest(name, modules)
+                raise ConfigError(
+                    f"{self.path}: key 'log_levels': there is no loaded module named {name!r}{hint}"
+                )
         for name in self.module_tables:
             if name not in modules and name not in services:
                 hint = _suggest(name, modules)
@@ -269,7 +321,7 @@ def parse_config(text: str, path: str, base_dir: Path) -> Config:
         )
     for key, spec in GLOBAL_KEYS.items():
         values.setdefault(key, spec.default)
-    for name in ("interfaces",):
+    for name in ("interfaces", "metrics_listen"):
         if isinstance(values[name], str):
             values[name] = [values[name]]
     for options in service_options.values():

@@ -6,8 +6,9 @@ know the tags; :func:`from_wire` checks the tag, the number of fields and each f
 a handler receives a well-formed record or the sender is cut off with a message naming what was
 wrong. Semantic checks (a known table operation, plain-data arguments) stay with the handlers.
 
-Worker -> master: :class:`Ready`, :class:`Heartbeat`, :class:`NotAccepting`, :class:`BootError`,
-:class:`Stopped`, :class:`SharedWrite`, :class:`AtomicRequest`, :class:`Broadcast`.
+Worker -> master: :class:`Ready`, :class:`Heartbeat`, :class:`Metrics`, :class:`NotAccepting`,
+:class:`BootError`, :class:`Stopped`, :class:`SharedWrite`, :class:`AtomicRequest`,
+:class:`Broadcast`.
 Master -> worker: :class:`SequencedWrite`, :class:`AtomicResult`, :class:`BroadcastEvent`.
 """
 
@@ -37,6 +38,14 @@ class Heartbeat(NamedTuple):
     served: int
     refused: int
     tls_failures: int
+
+
+class Metrics(NamedTuple):
+    """The worker's figures since it started, sent with each heartbeat and once more before
+    :class:`Stopped` (shape and checks: :mod:`mpnet.pure.metrics`)."""
+
+    services: dict[str, Any]
+    process: dict[str, Any]
 
 
 class NotAccepting(NamedTuple):
@@ -117,6 +126,7 @@ class BroadcastEvent(NamedTuple):
 Message = (
     Ready
     | Heartbeat
+    | Metrics
     | NotAccepting
     | BootError
     | Stopped
@@ -132,6 +142,7 @@ _ANY = object
 _SPEC: dict[type[Any], tuple[str, tuple[type, ...]]] = {
     Ready: ("ready", (int, int)),
     Heartbeat: ("heartbeat", (int, int, int, int)),
+    Metrics: ("metrics", (dict, dict)),
     NotAccepting: ("not_accepting", ()),
     BootError: ("boot_error", (str,)),
     Stopped: ("stopped", (int,)),
