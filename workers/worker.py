@@ -102,8 +102,11 @@ class Worker:
         self._stop: asyncio.Future[str] | None = None
         self._tasks: list[asyncio.Future[Any]] = []
         # Several heartbeats per worker_timeout, so a healthy idle loop is never taken for stuck.
+        # Also several per stall_timeout, so the master steers around a stuck loop soon.
         self._heartbeat_interval = min(
-            HEARTBEAT_INTERVAL, (float(config["worker_timeout"]) or HEARTBEAT_INTERVAL) / 4
+            HEARTBEAT_INTERVAL,
+            (float(config["worker_timeout"]) or HEARTBEAT_INTERVAL) / 4,
+            (float(config["stall_timeout"]) or HEARTBEAT_INTERVAL) / 4,
         )
         self.counters = WorkerCounters()
         self._graceful_timeout = float(config["graceful_timeout"])
