@@ -677,11 +677,12 @@ class Master:
             except PortConflict as exc:
                 log.error("cannot add workers: %s", exc)
                 return f"cannot add workers: {exc}"
-        elif (
-            count < self.slots
-            and not self.steering.available
-            and not _migrates_queued_connections()
-        ):
+        elif count < self.slots and self.steering.available:
+            log.info(
+                "removing slots: new connections steered away from them; each retiring worker "
+                "accepts what is queued on its sockets, then stops"
+            )
+        elif count < self.slots and not _migrates_queued_connections():
             log.warning(
                 "removing slots: connections still queued on their sockets may be reset; "
                 "set net.ipv4.tcp_migrate_req = 1 so the kernel moves them to other workers"

@@ -196,6 +196,7 @@ class Steering:
         self.available = True
         self._groups: dict[int, _Group] = {}
         self._noted_adopted = False
+        self._probed = False
         self._draining: dict[int, tuple[float, float]] = {}  # slot -> (steered at, quiet since)
 
     def update(self, bindings: Iterable[Any], healthy: set[int]) -> None:
@@ -208,6 +209,10 @@ class Steering:
                 continue
             if not self.available or not binding.sockets:
                 continue
+            if not self._probed:
+                self._probe(binding)
+                if not self.available:
+                    continue
             seen.add(id(binding))
             group = self._groups.get(id(binding))
             if group is None or group.binding is not binding:
@@ -228,6 +233,27 @@ class Steering:
         for key in [k for k in self._groups if k not in seen]:
             del self._groups[key]  # released bindings (closed sockets)
 
+    def _probe(self, binding: Any) -> None:
+        """Learn at once whether the kernel takes a program (not at the first stall or
+        ``TTOU``, when the answer decides how workers are removed)."""
+        self._probed = True
+        sock = binding.sockets[0]
+        try:
+            attach(sock, build_program(range(len(binding.sockets))))
+            detach(sock)
+        except OSError as exc:
+            self._refused(binding, exc)
+
+    def _refused(self, binding: Any, exc: BaseException) -> None:
+        self.available = False
+        log.warning(
+            "steering off: the kernel refused a reuseport BPF program on %s (%s); a stalled "
+            "worker keeps receiving new connections, and removing workers relies on "
+            "net.ipv4.tcp_migrate_req",
+            binding.address,
+            exc,
+        )
+
     def _apply(self, binding: Any, group: _Group, wanted: tuple[int, ...] | None) -> None:
         sock = binding.sockets[0]
         try:
@@ -240,13 +266,7 @@ class Steering:
             else:
                 attach(sock, build_program(wanted))
         except (OSError, ValueError) as exc:
-            self.available = False
-            log.warning(
-                "steering off: the kernel refused a reuseport BPF program on %s (%s); "
-                "a stalled worker keeps receiving new connections",
-                binding.address,
-                exc,
-            )
+            self._refused(binding, exc)
             return
         group.attached = wanted
         log.debug("steering %s: positions %s", binding.address, wanted or "all (kernel hash)")
