@@ -344,3 +344,30 @@ def test_fewer_workers_under_connect_load_resets_nothing(mpnet, write_module):
     _skip_without_steering(server)
     assert set(results) == {"ok"}, results
     assert "may be reset" not in server.log
+
+
+def test_reload_while_a_worker_is_stalled_keeps_every_connection(mpnet, write_module):
+    """Steering active across a reload: the stalled worker's successor takes its slot (and its
+    queue); connections opened once the stall was noticed are greeted at once; none fails."""
+    path = write_module("stall", STALL_MODULE)
+    server = mpnet(config([str(path)], workers=2, worker_timeout=30, log_level="debug"))
+    port = server.port("stall")
+    stalled_sock, stalled, began = _stall_worker(port, 6)
+    try:
+        clients = [Greeted(port) for _ in range(10)]
+        wait_for(lambda: time.monotonic() - began >= 2.0, 5, "2 s into the stall")
+        server.signal(signal.SIGHUP)
+        steered = []
+        while "reload complete: generation 2" not in server.log:
+            assert time.monotonic() - began < DEADLINE, "the reload did not complete"
+            steered.append(Greeted(port))
+            time.sleep(0.05)  # pacing the load, not synchronisation
+        for client in clients + steered:
+            client.join(DEADLINE)
+        _skip_without_steering(server)
+        assert [c.error for c in clients + steered if c.error] == []
+        slow = [c.latency for c in steered if c.latency > 1.0]
+        assert not slow, f"{len(slow)} of {len(steered)} waited > 1 s"
+        assert stalled not in {c.pid for c in steered}
+    finally:
+        stalled_sock.close()
