@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import resource
 import shlex
+import signal
 import socket
 import statistics
 import sys
@@ -38,7 +39,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_echo import Server, start_server  # the house helpers
+from bench_echo import Interrupted, Server, _on_sigterm, start_server  # the house helpers
 
 PER_SOURCE = 20000  # connections per loopback source address (below the ephemeral range)
 IP_BIND_ADDRESS_NO_PORT = 24
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", default="uvloop", choices=("uvloop", "asyncio"))
     args = parser.parse_args(argv)
     args.mpnet_cmd = shlex.split(args.mpnet_cmd)
+    signal.signal(signal.SIGTERM, _on_sigterm)  # so that the finally blocks stop the servers
     args.server_cpu, args.start_timeout = None, 30.0
     wanted = [int(c) for c in args.counts.split(",")]
     limit = raise_fd_limit(max(wanted) + 4096)
@@ -180,4 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (KeyboardInterrupt, Interrupted):
+        sys.exit(130)

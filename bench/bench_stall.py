@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import socket
 import statistics
 import subprocess
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mpnet-cmd", default="mpnet")
     args = parser.parse_args(argv)
     args.mpnet_cmd = shlex.split(args.mpnet_cmd)
+    signal.signal(signal.SIGTERM, bench_echo._on_sigterm)  # the finally blocks stop servers
     results: dict[str, dict[str, list[Greeting]]] = {"on": {}, "off": {}}
     failed = False
     with tempfile.TemporaryDirectory(prefix="bench-stall-") as tmp:
@@ -200,4 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (KeyboardInterrupt, bench_echo.Interrupted):
+        sys.exit(130)

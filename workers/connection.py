@@ -258,7 +258,7 @@ class Connection(asyncio.Protocol):
         self._pending: asyncio.Future[Any] | None = None
         self._backlog: deque[tuple[str, Callable[..., Any], tuple[Any, ...]]] | None = None
         self._peer: tuple[Any, ...] | None = None
-        self._number = 0  # numbered when its id is first asked for: no int object per accept
+        self._number = next(_ids)
         self._activity = self._seen_activity = 0
         self._idle_since = self._send_since = 0.0  # set by the first sweep: no clock per accept
         self._send_size = 0
@@ -620,8 +620,6 @@ class Connection(asyncio.Protocol):
     @property
     def id(self) -> str:
         """A short identifier, unique within the worker's lifetime."""
-        if not self._number:
-            self._number = next(_ids)
         return f"{self._service.worker_label}c{self._number}"
 
     @property
