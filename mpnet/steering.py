@@ -15,12 +15,21 @@ starts listening and, when one closes, moves the last member into the hole (veri
 ``tests/test_steering.py``). A returned position outside the group makes the kernel fall back to
 its own hash: a stale program is never worse than no program.
 
+The mirror follows the master's own closes. A socket leaves the kernel's group only when its last
+descriptor closes, so the mirror is ahead of the kernel while a removed slot's worker still holds
+its copy (it closes it first thing when told to stop, unless its loop is stuck). Removals from the
+end of the list (``TTOU``) never move the sockets that stay, so that lag matters only if a slot is
+added back (``TTIN``) while a stuck retired worker still holds the old socket: until that worker
+exits, the new slot's position is off by one, and some connections go where the kernel's hash
+would have sent them without steering: to the stuck worker's socket.
+
 Pure parts (:func:`build_program`, :class:`GroupOrder`, :func:`healthy_slots`) are testable
 without a server; :class:`Steering` is the only part that touches sockets.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -246,6 +255,11 @@ class Steering:
 
     def _refused(self, binding: Any, exc: BaseException) -> None:
         self.available = False
+        for group in self._groups.values():  # no program left behind that is not kept up
+            if group.attached is not None and group.binding.sockets:
+                with contextlib.suppress(OSError):
+                    detach(group.binding.sockets[0])
+                group.attached = None
         log.warning(
             "steering off: the kernel refused a reuseport BPF program on %s (%s); a stalled "
             "worker keeps receiving new connections, and removing workers relies on "
