@@ -235,6 +235,7 @@ def _skip_without_steering(server) -> None:
         pytest.skip("kernel refused the reuseport program: " + server.log)
 
 
+@pytest.mark.server
 def test_new_connections_avoid_a_stalled_worker_which_gets_them_back(mpnet, write_module):
     path = write_module("stall", STALL_MODULE)
     server = mpnet(config([str(path)], workers=2, worker_timeout=30, log_level="debug"))
@@ -277,6 +278,7 @@ def _greet(port: int) -> int:
     return client.pid
 
 
+@pytest.mark.server
 def test_a_worker_killed_by_worker_timeout_is_steered_around(mpnet, write_module):
     path = write_module("stall", STALL_MODULE)
     server = mpnet(config([str(path)], workers=2, worker_timeout=4, log_level="debug"))
@@ -363,6 +365,7 @@ print(json.dumps({{
 """
 
 
+@pytest.mark.server
 def test_fewer_workers_under_connect_load_resets_nothing(tmp_path):
     """TTOU three times under connect load, in a network namespace of our own with
     net.ipv4.tcp_migrate_req = 0: steering drains each removed slot, so nothing is reset."""
@@ -402,6 +405,7 @@ def test_fewer_workers_under_connect_load_resets_nothing(tmp_path):
     assert report["steered"] == 3 and not report["warned"]
 
 
+@pytest.mark.server
 def test_reload_while_a_worker_is_stalled_keeps_every_connection(mpnet, write_module):
     """Steering active across a reload: the stalled worker's successor takes its slot (and its
     queue); connections opened once the stall was noticed are greeted at once; none fails."""
