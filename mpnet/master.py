@@ -35,7 +35,7 @@ from .channel import MasterChannel
 from .checker import Check, CheckFailed, check_modules, start_check
 from .control import ControlServer, Deferred, default_socket_path, service_uids
 from .handle import WorkerHandle, describe_exit
-from .health import Health
+from .health import STALL_GRACE, Health
 from .iplimit import IPCountTable
 from .journal import StateFileError
 from .metrics import MetricsBook, to_json
@@ -53,6 +53,7 @@ from .pure.messages import ChannelError, from_wire
 from .pure.portplan import ServicePlan
 from .reload import Reloads
 from .shared import SharedMaster
+from .steering import Steering, healthy_slots
 from .workers.worker import EXIT_BOOT_ERROR, Worker, uvloop, worker_process
 
 log = logging.getLogger("mpnet.master")
@@ -95,6 +96,7 @@ class Master:
         self.start_error: str | None = None
         self.reloads = Reloads(self, self.ledger, reload_config)
         self.health = Health()
+        self.steering = Steering()
         self.signal_queue: deque[int] = deque()
         self.selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
@@ -252,6 +254,7 @@ class Master:
             self._progress_stop()
         else:
             self.reloads.tick(running=self.state == "running")
+            self._steer()
             self._reconcile()
             self.health.check(list(self.workers.values()), self.config, self._polled_at)
             self._systemd_tick()
@@ -264,6 +267,18 @@ class Master:
                 with contextlib.suppress(KeyError, ValueError):
                     self.selector.unregister(scraper)
                 self.metrics_server.drop(scraper)
+
+    def _steer(self) -> None:
+        """New connections only to slots whose worker accepts and answers (mpnet/steering.py).
+        Not judged after a pass of the master's own loop that was late: heartbeats may wait
+        unread."""
+        now = time.monotonic()
+        if now - self._polled_at > STALL_GRACE:
+            return
+        stall_timeout = float(self.config["stall_timeout"])
+        healthy = healthy_slots(self.workers.values(), self.slots, stall_timeout, now)
+        self.steering.update(self.ledger.bindings.values(), healthy)
+        self.steering.keep_drains_below(self.slots)
 
     def _next_timeout(self) -> float:
         """Sleep until the next thing due: a respawn, a SIGKILL deadline, a watchdog ping."""
@@ -631,7 +646,9 @@ class Master:
             if not handle.active:
                 continue
             if handle.slot >= self.slots:
-                self._retire(handle, "worker count lowered")
+                # Steered away from already: it accepts what is queued on its sockets first.
+                if self.steering.drained(handle.slot, self.ledger.bindings.values()):
+                    self._retire(handle, "worker count lowered")
             elif self._outdated(handle):
                 successor = current.get(handle.slot)
                 if successor is not None and successor.state == "ready":
@@ -721,6 +738,11 @@ class Master:
             except PortConflict as exc:
                 log.error("cannot add workers: %s", exc)
                 return f"cannot add workers: {exc}"
+        elif count < self.slots and self.steering.available:
+            log.info(
+                "removing slots: new connections steered away from them; each retiring worker "
+                "accepts what is queued on its sockets, then stops"
+            )
         elif count < self.slots and not _migrates_queued_connections():
             log.warning(
                 "removing slots: connections still queued on their sockets may be reset; "

@@ -507,6 +507,7 @@ async def run(cmd):
         return "no error"
     if op == "garbage":  # an oversized length prefix straight onto this worker's channel
         from mpnet.workers.channel import WorkerChannel
+        gc.unfreeze()  # the worker froze what existed at boot, the channel too: make it visible
         channel = next(o for o in gc.get_objects() if isinstance(o, WorkerChannel))
         channel.transport.write(b"\xff\xff\xff\xff garbage")
         return True

@@ -256,6 +256,12 @@ class ActivatedServer(Server):
         return self
 
 
+def _pass_env() -> list[str]:
+    """systemd-socket-activate clears the environment: keep PYTHONPATH (a checkout under test
+    rather than the installed mpnet)."""
+    return ["-E", f"PYTHONPATH={os.environ['PYTHONPATH']}"] if "PYTHONPATH" in os.environ else []
+
+
 def listening_sockets(pid: int, port: int) -> list[tuple[int, int]]:
     """(fd, inode) of every socket of *pid* listening on *port*."""
     found = []
@@ -282,7 +288,7 @@ def test_socket_activation_with_systemd_socket_activate(tmp_path, write_module, 
     server = ActivatedServer(
         directory,
         config([str(path)], workers=workers, pid_ports=[port]),
-        [activate, "-l", f"127.0.0.1:{port}", "--fdname=pid"],
+        [activate, *_pass_env(), "-l", f"127.0.0.1:{port}", "--fdname=pid"],
     )
     try:
         server.start()
@@ -290,6 +296,8 @@ def test_socket_activation_with_systemd_socket_activate(tmp_path, write_module, 
         with Client(port, timeout=30) as first:
             first_pid = int(first.read_until(b"\n"))
         server.wait_log(rf"\bready: {workers} worker")
+        # One socket shared by every worker: no steering (mpnet/steering.py), said once.
+        assert server.log.count("steering off for socket-activated endpoints") == 1
         pids = settled(server, workers)
         assert first_pid in pids
         assert "mpnet" in psutil.Process(server.pid).cmdline()  # exec'ed in place

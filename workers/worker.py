@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
+import gc
 import logging
 import os
 import signal
@@ -103,8 +104,11 @@ class Worker:
         self._stop: asyncio.Future[str] | None = None
         self._tasks: list[asyncio.Future[Any]] = []
         # Several heartbeats per worker_timeout, so a healthy idle loop is never taken for stuck.
+        # Also several per stall_timeout, so the master steers around a stuck loop soon.
         self._heartbeat_interval = min(
-            HEARTBEAT_INTERVAL, (float(config["worker_timeout"]) or HEARTBEAT_INTERVAL) / 4
+            HEARTBEAT_INTERVAL,
+            (float(config["worker_timeout"]) or HEARTBEAT_INTERVAL) / 4,
+            (float(config["stall_timeout"]) or HEARTBEAT_INTERVAL) / 4,
         )
         self.counters = WorkerCounters()
         self._lag = 0.0  # how late the last heartbeat woke up (event-loop lag)
@@ -201,6 +205,11 @@ class Worker:
                 )
                 self.servers.append(server)
         loop.set_exception_handler(_exception_handler)
+        # What exists now (inherited from the master, the modules) lives as long as the worker:
+        # frozen, the cyclic collector no longer walks it, so it neither pays for that on every
+        # full collection nor writes to those pages, which then stay shared with the master
+        # instead of being copied into this process (bench/bench_idle.py measures it).
+        gc.freeze()
         self._tasks.append(asyncio.ensure_future(self._sweep()))
         self.send(Ready(os.getpid(), self.generation))
         log.debug("serving %s", ", ".join(self.services) or "nothing")

@@ -167,6 +167,7 @@ GLOBAL_KEYS: dict[str, Key] = {
     "graceful_timeout": Key(_seconds, 30.0),
     "quick_timeout": Key(_seconds, 5.0),
     "worker_timeout": Key(_seconds, 30.0),
+    "stall_timeout": Key(_seconds, 1.0),
     "boot_timeout": Key(_seconds, 60.0),
     "backlog": Key(_positive_int, 1024),
     "log_level": Key(_log_level, "info"),
@@ -328,6 +329,7 @@ def parse_config(text: str, path: str, base_dir: Path) -> Config:
         for name in ("ports", "interfaces"):
             if name in options and not isinstance(options[name], list):
                 options[name] = [options[name]]
+    _check_stall_timeout(values, "stall_timeout" in raw, path)
     if not values["modules"]:
         raise ConfigError(f"{path}: key 'modules': no modules to load; list at least one")
     return Config(
@@ -337,6 +339,22 @@ def parse_config(text: str, path: str, base_dir: Path) -> Config:
         service_options=service_options,
         module_tables=module_tables,
     )
+
+
+def _check_stall_timeout(values: dict[str, Any], explicit: bool, path: str) -> None:
+    """``stall_timeout`` (steer new connections away, mpnet/steering.py) must come before
+    ``worker_timeout`` (kill the worker), or steering would never act. Unset, it follows a small
+    ``worker_timeout`` down (half of it) rather than refuse a config that never named it."""
+    stall, limit = float(values["stall_timeout"]), float(values["worker_timeout"])
+    if not limit or not stall or stall < limit:
+        return
+    if explicit:
+        raise ConfigError(
+            f"{path}: key 'stall_timeout': must be below worker_timeout ({limit:g}s), got "
+            f"{stall:g}; a stalled worker is steered around first and killed later (0 turns "
+            f"steering around stalls off)"
+        )
+    values["stall_timeout"] = limit / 2
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:
