@@ -1,0 +1,124 @@
+"""Nothing grows without bound: hostile clients and misbehaving modules against a real server.
+
+Each test replays an attack that used to grow a worker without limit or keep a service down:
+one huge kv request, kv replies amplified for a client that does not read, a module allocating
+past ``max_worker_memory``, silent connections that never finish their PROXY header, and a
+queue of requests that each crash the worker serving them. Memory is the worker's peak RSS as
+the kernel reports it (``VmHWM``), so a spike between two samples is not missed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+import threading
+
+import psutil
+from harness import config, wait_for
+from test_kv import RespClient, command
+
+MiB = 2**20
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident set size so far, in bytes (the kernel's high-water mark)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for pid {pid}")
+
+
+def only_worker(server) -> psutil.Process:
+    workers = wait_for(server.workers, what="a worker")
+    assert len(workers) == 1
+    return workers[0]
+
+
+def kv_config(workers: int = 1, **options: int) -> str:
+    text = config(["kv"], workers=workers, kv_ports=[0])
+    return text + "[kv]\n" + "".join(f"{key} = {value}\n" for key, value in options.items())
+
+
+# -- 6: one kv request that announces gigabytes ------------------------------------------------
+
+
+def _send_quietly(sock: socket.socket, parts: list[bytes]) -> None:
+    """Send until the server stops listening (it refuses and closes mid-request)."""
+    with contextlib.suppress(OSError):
+        for part in parts:
+            sock.sendall(part)
+
+
+def test_kv_request_larger_than_max_request_size_is_refused_and_closed(mpnet):
+    """``*200`` bulks of 16 MB (3.2 GB announced) against a 40 MiB cap: the client gets the
+    error and is closed once the third bulk is announced; the worker's peak memory grows by
+    less than twice the cap; another client is served before and after."""
+    cap = 40 * MiB
+    server = mpnet(kv_config(max_request_size=cap))
+    port = server.port("kv")
+    worker = only_worker(server)
+    with RespClient(port) as other:
+        assert other.call("SET", "k", "v") == b"+OK\r\n"
+        before = peak_rss(worker.pid)
+        bulk = b"$16000000\r\n" + b"x" * 16_000_000 + b"\r\n"
+        attacker = RespClient(port, timeout=30)
+        sender = threading.Thread(
+            target=_send_quietly, args=(attacker.sock, [b"*200\r\n"] + [bulk] * 10), daemon=True
+        )
+        sender.start()
+        try:
+            reply = attacker.read_to_eof(timeout=30)
+        finally:
+            attacker.close()
+            sender.join(30)
+        grown = peak_rss(worker.pid) - before
+        print(f"*200 x 16 MB against max_request_size {cap}: peak RSS +{grown / MiB:.1f} MiB")
+        assert reply == (
+            b"-ERR Protocol error: request larger than max_request_size (41943040 bytes)\r\n"
+        )
+        assert grown < 2 * cap
+        assert other.call("GET", "k") == b"$1\r\nv\r\n"
+    server.wait_log(r"kv\] warn: closing connection \S+ from 127\.0\.0\.1: .*max_request_size")
+    assert worker.is_running() and server.worker_pids() == {worker.pid}
+
+
+# -- 7: kv replies amplified for a client that does not read ------------------------------------
+
+
+def test_kv_pipelined_big_replies_wait_for_a_client_that_does_not_read(mpnet):
+    """40 pipelined ``GET big`` (an 8 MB value, 360 bytes of requests) from a client that does
+    not read: the worker produces replies only as the client takes them, so its peak memory
+    grows by a few replies, not 40; another client's PING is answered meanwhile; once the
+    client reads, it gets all 40 replies, in full."""
+    server = mpnet(kv_config())
+    port = server.port("kv")
+    worker = only_worker(server)
+    value = bytes(range(256)) * (8 * MiB // 256)
+    with RespClient(port, timeout=30) as setter:
+        assert setter.call("SET", "big", value) == b"+OK\r\n"
+        assert setter.call("PING") == b"+PONG\r\n"
+    before = peak_rss(worker.pid)
+    greedy = socket.socket()
+    greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    greedy.connect(("127.0.0.1", port))
+    try:
+        greedy.sendall(command("GET", "big") * 40)
+        readable, _, _ = select.select([greedy], [], [], 30)
+        assert readable, "no reply started within 30 s"
+        with RespClient(port) as other:
+            # Deadline-based, generous: the worker must not be stuck producing 320 MB.
+            for _ in range(5):
+                assert other.call("PING") == b"+PONG\r\n"
+        grown = peak_rss(worker.pid) - before
+        print(f"40 x GET of an 8 MiB value, not read: peak RSS +{grown / MiB:.1f} MiB")
+        assert grown < 64 * MiB
+        reader = RespClient.__new__(RespClient)
+        reader.sock, reader.buffer, reader.timeout = greedy, b"", 60.0
+        expected = b"$%d\r\n" % len(value) + value + b"\r\n"
+        for _ in range(40):
+            assert reader.reply() == expected
+    finally:
+        greedy.close()
+    assert server.worker_pids() == {worker.pid}
