@@ -13,10 +13,14 @@ import contextlib
 import select
 import socket
 import threading
+import time
+from types import SimpleNamespace
 
 import psutil
-from harness import config, wait_for
+from harness import Client, config, wait_for
 from test_kv import RespClient, command
+
+from mpnet.master import BACKOFF_MAX, BACKOFF_MAX_SERVING, Master
 
 MiB = 2**20
 
@@ -122,3 +126,102 @@ def test_kv_pipelined_big_replies_wait_for_a_client_that_does_not_read(mpnet):
     finally:
         greedy.close()
     assert server.worker_pids() == {worker.pid}
+
+
+# -- 10: a queue of requests that each crash the worker serving them -----------------------------
+
+POISON = """\
+import os
+class listener:
+    def onconnect(conn):
+        conn.write(f"{conn.id.split('.')[0]} {os.getpid()}\\n")
+    def onincoming(conn, data):
+        if data.startswith(b"die") and conn.id.startswith("w0."):
+            os._exit(7)  # a bug that only slot 0's requests hit
+        conn.write(data)
+module.provides("net", listener=listener, default_port=0)
+"""
+
+
+def _poison(port: int, until: float) -> None:
+    """Connections that send ``die`` and leave (the request waits in the accept queue)."""
+    while time.monotonic() < until:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 2) as s:
+            s.sendall(b"die\n")
+        time.sleep(0.05)
+
+
+def _probe(port: int, until: float, answers: list[tuple[float, str]]) -> None:
+    """A legitimate client, again and again: who greeted it (``w0``/``w1`` and the pid)."""
+    while time.monotonic() < until:
+        with contextlib.suppress(OSError, AssertionError), Client(port, timeout=2) as client:
+            answers.append((time.monotonic(), client.read_until(b"\n", 2).decode().strip()))
+        time.sleep(0.05)
+
+
+def _greeting(port: int, slot: str) -> str | None:
+    with Client(port) as client:
+        greeting = client.read_until(b"\n").decode().strip()
+    return greeting if greeting.startswith(slot) else None
+
+
+def _all_served(port: int) -> bool:
+    """Eight new clients in a row are greeted within 3 s each (both slots answer by now)."""
+    try:
+        for _ in range(8):
+            with Client(port, timeout=3) as client:
+                client.read_until(b"\n", 3)
+    except (OSError, AssertionError):
+        return False
+    return True
+
+
+def test_queued_poison_requests_do_not_keep_a_slot_down(mpnet, write_module):
+    """10 s of connections whose request kills slot 0's worker (queued in its accept queue while
+    the slot waits to restart): slot 1 serves throughout, and new clients are served again soon
+    after the attack ends (before: the crash back-off grew to 30 s, and each replacement died on
+    the next queued request)."""
+    path = write_module("poison", POISON)
+    server = mpnet(config([str(path)], workers=2, poison_ports=[0]))
+    port = server.port("poison")
+    answers: list[tuple[float, str]] = []
+    bystander = wait_for(lambda: _greeting(port, "w1"), what="a client served by slot 1")
+    end = time.monotonic() + 10
+    threads = [threading.Thread(target=_poison, args=(port, end)) for _ in range(3)]
+    threads.append(threading.Thread(target=_probe, args=(port, end, answers)))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    crashes = server.log.count("exited with code 7")
+    try:
+        wait_for(lambda: _all_served(port), timeout=30, what="every new client served")
+    except AssertionError:
+        print(server.log[-6000:])
+        raise
+    recovered = time.monotonic() - end
+    print(f"{crashes} crashes of slot 0 in 10 s; all new clients served {recovered:.1f} s later")
+    assert crashes >= 3
+    assert recovered < 10
+    during = [a for t, a in answers if t > end - 10]
+    assert during.count(bystander) >= 5  # slot 1 kept serving, with the same worker
+    assert not any(a.startswith("w1") and a != bystander for a in during)
+
+
+def test_crashes_while_serving_back_off_briefly_and_reset_the_slots_queue():
+    master = Master.__new__(Master)  # only the back-off bookkeeping is exercised
+    master._backoff, master._respawn_at, master._reset_queue = {}, {}, set()
+    serving = SimpleNamespace(slot=0, ready_at=time.monotonic())
+    delays = []
+    for _ in range(6):
+        master._schedule_respawn(serving)
+        delays.append(master._backoff[0])
+    assert delays == [0.25, 0.5, 1.0, BACKOFF_MAX_SERVING, BACKOFF_MAX_SERVING, 2.0]
+    assert master._reset_queue == {0}
+    booting = SimpleNamespace(slot=1, ready_at=None)  # never served: the long back-off
+    for _ in range(9):
+        master._schedule_respawn(booting)
+    assert master._backoff[1] == BACKOFF_MAX and master._reset_queue == {0}
+    healthy = SimpleNamespace(slot=0, ready_at=time.monotonic() - 60)
+    master._schedule_respawn(healthy)
+    assert 0 not in master._backoff and not master._reset_queue
