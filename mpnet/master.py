@@ -240,6 +240,7 @@ class Master:
         now = time.monotonic()
         deadlines = list(self._respawn_at.values())
         deadlines += [h.kill_at for h in self.workers.values() if h.kill_at is not None]
+        deadlines.append(self.health.next_memory_check)
         if self.notifier is not None and self.notifier.watchdog_interval():
             deadlines.append(self._next_watchdog)
         if self.reloads.deadline is not None:
