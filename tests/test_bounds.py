@@ -14,12 +14,14 @@ import select
 import socket
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import psutil
 import pytest
 from harness import Client, Server, config, wait_for
 from test_kv import RespClient, command
+from test_transport_tls import make_cert, ssl_table, tls_client
 
 from mpnet.health import Health
 from mpnet.master import BACKOFF_MAX, BACKOFF_MAX_SERVING, Master
@@ -314,28 +316,52 @@ def _served_behind_proxy(port: int) -> bool:
         return client.read_until(b"\n", 5) == b"hello 192.0.2.7\n"
 
 
-def test_silent_connections_to_a_proxy_service_do_not_lock_clients_out(tmp_path, write_module):
-    """500 connections that never send their PROXY header, against a worker with 256
-    descriptors: the oldest unadmitted ones are dropped (logged), and a proxy's client is
-    served at once. Before: they held every descriptor until ssl_handshake_timeout (60 s) and
-    every new client was closed, without a log line."""
-    path = write_module("greeter", GREETER)
+TLS_GREETER = """\
+class listener:
+    def onconnect(conn):
+        conn.write(f"hello {conn.ip()}\\n")
+module.provides("net", listener=listener, default_port=0, encryption="ssl")
+"""
+
+
+def _served_over_tls(port: int, cert: Path) -> bool:
+    with tls_client(port, cert) as client:
+        return client.read_until(b"\n", 5) == b"hello 127.0.0.1\n"
+
+
+@pytest.mark.parametrize("kind", ["proxy", "tls"])
+def test_silent_connections_to_a_proxy_or_tls_service_do_not_lock_clients_out(
+    tmp_path, write_module, kind
+):
+    """500 connections that never send their PROXY header (or their TLS ClientHello), against a
+    worker with 256 descriptors: the oldest unadmitted ones are dropped (logged), and a client
+    is served at once. Before: they held every descriptor until ssl_handshake_timeout (60 s)
+    and every new client was closed, without a log line."""
     directory = tmp_path / "server"
     directory.mkdir()
-    server = LowNofileServer(
-        directory, config([str(path)], workers=1, greeter_ports=[0], greeter_proxy_protocol=True)
-    )
+    if kind == "proxy":
+        path = write_module("greeter", GREETER)
+        text = config([str(path)], workers=1, greeter_ports=[0], greeter_proxy_protocol=True)
+    else:
+        cert, key = make_cert(directory)
+        path = write_module("greeter", TLS_GREETER)
+        text = config([str(path)], workers=1, greeter_ports=[0]) + f"ssl = {ssl_table(cert, key)}\n"
+    served = (lambda port: _served_behind_proxy(port)) if kind == "proxy" else (
+        lambda port: _served_over_tls(port, cert)
+    )  # fmt: skip
+    server = LowNofileServer(directory, text)
     silent: list[socket.socket] = []
     try:
         server.start()
         port = server.port("greeter")
-        assert _served_behind_proxy(port)
+        assert served(port)
         for _ in range(500):
             with contextlib.suppress(OSError):
                 silent.append(socket.create_connection(("127.0.0.1", port), timeout=5))
         for _ in range(5):
-            assert _served_behind_proxy(port)
+            assert served(port)
         server.wait_log(r"refused \d+ connection\(s\) .*max_unadmitted_connections \(96\)")
+        assert "Traceback" not in server.log
     finally:
         for sock in silent:
             sock.close()
