@@ -125,8 +125,8 @@ class Health:
                     rss,
                     hard,
                 )
-                if handle.active:
-                    handle.state = "draining"  # replaced at once, without crash back-off
+                if handle.state == "ready":  # replaced at once, without crash back-off
+                    handle.state = "draining"  # (one that boots into it backs off as a crash)
                 handle.kill_at = float("inf")
                 handle.kill(signal.SIGKILL)
                 continue

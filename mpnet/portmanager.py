@@ -292,8 +292,10 @@ class PortLedger:
             for binding, sock in sockets:
                 if binding.adopted:
                     continue
+                poller = select.poll()  # select() would fail on a descriptor above 1023
+                poller.register(sock, select.POLLIN)
                 for _ in range(max(self.backlog, 1)):
-                    if not select.select([sock], [], [], 0)[0]:
+                    if not poller.poll(0):
                         break
                     try:
                         conn, _ = sock.accept()
