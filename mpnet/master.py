@@ -71,6 +71,10 @@ HANDLED_SIGNALS = (
 MASTER_ONLY = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
 BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
+# A worker that was ready and then crashed most likely died of something it served (a poison
+# request): its replacement may meet the next one in the accept queue, and the slot's clients
+# wait in that queue meanwhile, so its back-off stays short. Boot failures wait up to BACKOFF_MAX.
+BACKOFF_MAX_SERVING = 2.0
 HEALTHY_AFTER = 10.0  # a worker that ran this long resets its slot's crash back-off
 STATUS_EVERY = 5.0
 HOUSEKEEPING_EVERY = 0.05
@@ -102,6 +106,7 @@ class Master:
         self._wake_r, self._wake_w = os.pipe()
         self._respawn_at: dict[int, float] = {}
         self._backoff: dict[int, float] = {}
+        self._reset_queue: set[int] = set()  # slots whose accept queue is reset before respawn
         self.shared = SharedMaster(config)
         self.ip_counts = IPCountTable.for_workers(config.worker_count)  # a row per live worker
         self.control: ControlServer | None = None
@@ -286,6 +291,7 @@ class Master:
         now = time.monotonic()
         deadlines = list(self._respawn_at.values())
         deadlines += [h.kill_at for h in self.workers.values() if h.kill_at is not None]
+        deadlines.append(self.health.next_memory_check)
         if self.notifier is not None and self.notifier.watchdog_interval():
             deadlines.append(self._next_watchdog)
         if self.reloads.deadline is not None:
@@ -607,13 +613,17 @@ class Master:
         now = time.monotonic()
         if handle.ready_at is not None and now - handle.ready_at >= HEALTHY_AFTER:
             self._backoff.pop(handle.slot, None)
+            self._reset_queue.discard(handle.slot)
             return  # replaced at once by _reconcile
         if handle.ready_at is not None and handle.slot not in self._backoff:
             # A worker that was serving dies young: replace it at once, but arm the back-off
             # so that a second quick failure in this slot waits.
             self._backoff[handle.slot] = BACKOFF_START / 2
             return
-        delay = min(self._backoff.get(handle.slot, BACKOFF_START / 2) * 2, BACKOFF_MAX)
+        cap = BACKOFF_MAX if handle.ready_at is None else BACKOFF_MAX_SERVING
+        if handle.ready_at is not None:
+            self._reset_queue.add(handle.slot)  # crashed again while serving: see _reconcile
+        delay = min(self._backoff.get(handle.slot, BACKOFF_START / 2) * 2, cap)
         self._backoff[handle.slot] = delay
         self._respawn_at[handle.slot] = now + delay
         log.warning(
@@ -640,6 +650,16 @@ class Master:
             if replacing and has_predecessor:
                 continue
             self._respawn_at.pop(slot, None)
+            if slot in self._reset_queue:
+                self._reset_queue.discard(slot)
+                reset = self.ledger.reset_queued(slot)
+                if reset:
+                    log.warning(
+                        "worker %d crashed again soon after serving: reset the %d connection(s) "
+                        "queued for its slot (they may carry the request that crashes it)",
+                        slot,
+                        reset,
+                    )
             current[slot] = self._spawn(slot)
             replacing = replacing or has_predecessor
         for handle in list(self.workers.values()):

@@ -10,7 +10,9 @@ predecessor used and connections queued in the kernel are never reset.
 from __future__ import annotations
 
 import errno
+import select
 import socket
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -279,6 +281,30 @@ class PortLedger:
             if index < len(binding.sockets):
                 result.setdefault(binding.service, []).append((binding, binding.sockets[index]))
         return result
+
+    def reset_queued(self, slot: int) -> int:
+        """Reset the connections waiting in *slot*'s accept queues (none of its workers runs);
+        return how many. For a slot whose workers keep dying on what they accept: the queue may
+        hold more of the requests that kill them, one replacement each. Sockets shared by every
+        slot (systemd's) are left alone. Never blocks: accepts only what is queued now."""
+        reset = 0
+        for sockets in self.slot_sockets(slot).values():
+            for binding, sock in sockets:
+                if binding.adopted:
+                    continue
+                poller = select.poll()  # select() would fail on a descriptor above 1023
+                poller.register(sock, select.POLLIN)
+                for _ in range(max(self.backlog, 1)):
+                    if not poller.poll(0):
+                        break
+                    try:
+                        conn, _ = sock.accept()
+                    except OSError:
+                        break
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    conn.close()
+                    reset += 1
+        return reset
 
     def all_sockets(self) -> list[socket.socket]:
         return [sock for binding in self.bindings.values() for sock in binding.sockets]

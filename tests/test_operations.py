@@ -726,7 +726,7 @@ def _log_time(stamp: str) -> float:
 
 def test_backoff_doubles_up_to_the_cap_and_resets_after_a_healthy_run():
     master = Master.__new__(Master)  # only the back-off bookkeeping is exercised
-    master._backoff, master._respawn_at = {}, {}
+    master._backoff, master._respawn_at, master._reset_queue = {}, {}, set()
     crashed = SimpleNamespace(slot=0, ready_at=None)
     delays = []
     for _ in range(9):

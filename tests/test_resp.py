@@ -19,6 +19,7 @@ from mpnet.pure.resp import (
     DEFAULT_MAX_MULTIBULK_LENGTH,
     RespParser,
     RespProtocolError,
+    RespRequestTooLarge,
     encode_array,
     encode_bulk,
     encode_error,
@@ -200,6 +201,31 @@ def test_buffered_bytes() -> None:
 
 
 # -- errors ----------------------------------------------------------------------------------
+
+
+def test_max_request_size_counts_the_bulks_of_one_request() -> None:
+    too_big = "Protocol error: request larger than max_request_size (10 bytes)"
+    ok = mb(b"SET", b"k", b"123456")  # 3 + 1 + 6 = 10 bytes of bulks: at the limit
+    assert_stream(ok + ok, [[b"SET", b"k", b"123456"]] * 2, max_request_size=10)
+    over = mb(b"SET", b"k", b"1234567")
+    assert_stream(ok + over + ok, [[b"SET", b"k", b"123456"]], too_big, max_request_size=10)
+
+
+def test_max_request_size_refuses_before_the_bytes_arrive() -> None:
+    """A request that announces 200 bulks of 16 MB fails at the "$" line that crosses the
+    limit: the parser never waits for (or buffers) the bulks beyond it."""
+    parser = RespParser(max_request_size=64 * 2**20)
+    parser.feed(b"*200\r\n")
+    bulk = b"$16000000\r\n" + b"x" * 16_000_000 + b"\r\n"
+    with pytest.raises(RespRequestTooLarge, match="max_request_size"):
+        for _ in range(5):
+            parser.feed(bulk)
+            assert parser.next_command() is None
+            assert parser.buffered_bytes <= 64 * 2**20
+    with pytest.raises(RespRequestTooLarge):
+        parser.feed(b"*1\r\n$4\r\nPING\r\n")  # no resynchronisation after the error
+    assert parser.buffered_bytes == 0
+
 
 BAD_MBULK = "Protocol error: invalid multibulk length"
 BAD_BULK = "Protocol error: invalid bulk length"

@@ -71,11 +71,21 @@ class ServiceSettings:
 
 class WorkerCounters:
     """What every service of one worker shares: the open-connection count for
-    ``max_connections`` (a per-worker limit)."""
+    ``max_connections`` (a per-worker limit), and the connections not yet admitted (still
+    sending a PROXY header or a TLS handshake), oldest first, capped by
+    ``max_unadmitted_connections`` (default: half of ``max_connections``, which is derived from
+    the descriptor limit when not set): they hold a descriptor each but count toward no other
+    limit, so silent ones could otherwise lock every client out until their deadline."""
 
-    def __init__(self, max_connections: int | None = None) -> None:
+    def __init__(
+        self, max_connections: int | None = None, max_unadmitted: int | None = None
+    ) -> None:
         self.open = 0
         self.max_connections = max_connections
+        self.unadmitted: dict[Connection, None] = {}
+        if max_unadmitted is None:
+            max_unadmitted = max(16, max_connections // 2) if max_connections else 1024
+        self.max_unadmitted = max_unadmitted
 
 
 class Service:
@@ -446,6 +456,40 @@ class Connection(asyncio.Protocol):
         else:
             self.close("read timeout")
 
+    # -- not yet admitted (PROXY header, TLS handshake) -------------------------------------------
+
+    def _await_admission(self) -> None:
+        """Count this connection among the worker's unadmitted ones; past the cap, drop the
+        oldest (a refusal of its service: counted and logged at a limited rate)."""
+        counters = self._service.counters
+        pending = counters.unadmitted
+        pending[self] = None
+        if len(pending) > counters.max_unadmitted:
+            oldest = next(iter(pending))
+            del pending[oldest]
+            oldest._drop_unadmitted(counters.max_unadmitted)
+
+    def _admission_settled(self) -> None:
+        self._service.counters.unadmitted.pop(self, None)
+
+    def _drop_unadmitted(self, limit: int) -> None:
+        service = self._service
+        service.refused += 1
+        service._refusal_reason = (
+            f"max_unadmitted_connections ({limit}) reached in this worker: dropped the oldest "
+            "connection still sending its PROXY header or TLS handshake"
+        )
+        now = time.monotonic()
+        if now >= service._next_limit_log:
+            service._report_refusals(now)
+        if self._handshake is not None:
+            self._handshake.task.cancel()  # _tls_done aborts it
+            return
+        service.waiting.discard(self)  # type: ignore[arg-type]
+        self._closed = True
+        if self._transport is not None:
+            self._transport.abort()
+
     # -- direct TLS (used by TLSConnection and ProxiedTLSConnection) ----------------------------
 
     _handshake: ServerHandshake | None = None
@@ -466,6 +510,7 @@ class Connection(asyncio.Protocol):
     def _tls_done(self, task: asyncio.Task[asyncio.Transport | None]) -> None:
         service = self._service
         service.handshaking.discard(self)
+        self._admission_settled()
         self._pending = self._handshake = None
         lost = self.__dict__.pop("_lost_in_handshake", None)
         exc = asyncio.CancelledError() if task.cancelled() else task.exception()
@@ -701,6 +746,7 @@ class TLSConnection(_HandshakeFirst):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
         self._begin_tls(b"", self._service.settings.ssl_handshake_timeout or None)
+        self._await_admission()
 
 
 class ProxiedConnection(Connection):
@@ -716,6 +762,7 @@ class ProxiedConnection(Connection):
         self._proxy_peer: tuple[str, int] | None = None
         self._accepted_at = time.monotonic()
         self._service.waiting.add(self)
+        self._await_admission()
 
     def data_received(self, data: bytes) -> None:
         parser = self._parser
@@ -740,6 +787,7 @@ class ProxiedConnection(Connection):
     def _header_done(self, remaining: bytes) -> None:
         """The header is parsed: the module sees the connection now (*remaining*: the bytes
         that followed the header in the same read)."""
+        self._admission_settled()
         transport = self._transport
         assert transport is not None  # set in connection_made, before any header byte
         if self._admit(self._service, transport) and remaining and not self._closed:
@@ -747,6 +795,7 @@ class ProxiedConnection(Connection):
 
     def _proxy_failed(self, reason: str) -> None:
         self._service.waiting.discard(self)
+        self._admission_settled()
         peer = self._transport.get_extra_info("peername") if self._transport else None
         self._service.logger.info(
             "service %s: closing connection from %s: %s", self._service.name, peer, reason
@@ -758,6 +807,7 @@ class ProxiedConnection(Connection):
     def connection_lost(self, exc: Exception | None) -> None:
         self._service.waiting.discard(self)
         if self._parser is not None:
+            self._admission_settled()
             self._closed = True
             return  # never reached the module
         Connection.connection_lost(self, exc)

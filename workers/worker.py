@@ -170,7 +170,10 @@ class Worker:
             self.config, self.shared, before_run=lambda: become_service_user(self.config)
         )
         loop = asyncio.get_running_loop()
-        self.counters = WorkerCounters(self.config["max_connections"] or default_max_connections())
+        self.counters = WorkerCounters(
+            self.config["max_connections"] or default_max_connections(),
+            self.config["max_unadmitted_connections"],
+        )
         contexts = tls_contexts(self.config, self.modules)
         services: dict[str, Any] = {}
         for provider in self.modules.providers:

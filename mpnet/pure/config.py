@@ -173,6 +173,7 @@ GLOBAL_KEYS: dict[str, Key] = {
     "log_level": Key(_log_level, "info"),
     "log_file": Key(_string, None),
     "max_worker_memory": Key(_bytes_size, None),
+    "max_worker_memory_hard": Key(_bytes_size, None),
     "control_socket": Key(_string, None),
     "user": Key(_string, None),
     "group": Key(_string, None),
@@ -185,6 +186,7 @@ GLOBAL_KEYS: dict[str, Key] = {
     "max_send_buffer_size": Key(_bytes_size, 32 * 1024 * 1024, per_service=True),
     "max_connections": Key(_positive_int, None, per_service=True),
     "max_connections_per_ip": Key(_positive_int, None, per_service=True),
+    "max_unadmitted_connections": Key(_positive_int, None),
     "ssl": Key(_table, None, per_service=True),
     "limit_message": Key(_string, None, per_service=True),
     "metrics_listen": Key(_listen_addresses, None),
@@ -332,6 +334,12 @@ def parse_config(text: str, path: str, base_dir: Path) -> Config:
     _check_stall_timeout(values, "stall_timeout" in raw, path)
     if not values["modules"]:
         raise ConfigError(f"{path}: key 'modules': no modules to load; list at least one")
+    soft, hard = values["max_worker_memory"], values["max_worker_memory_hard"]
+    if soft and hard and hard <= soft:
+        raise ConfigError(
+            f"{path}: key 'max_worker_memory_hard': {hard} must be above max_worker_memory "
+            f"({soft}): the worker is recycled gracefully at the one, killed at the other"
+        )
     return Config(
         path=path,
         base_dir=base_dir,

@@ -36,6 +36,7 @@ __all__ = [
     "NULL_BULK",
     "RespParser",
     "RespProtocolError",
+    "RespRequestTooLarge",
     "RespValue",
     "encode_array",
     "encode_bulk",
@@ -70,6 +71,7 @@ _TOO_BIG_BULK_COUNT = "Protocol error: too big bulk count string"
 _BAD_MBULK = "Protocol error: invalid multibulk length"
 _BAD_BULK = "Protocol error: invalid bulk length"
 _BAD_BULK_END = "Protocol error: bulk data not terminated by CRLF"  # Redis does not check
+_TOO_BIG_REQUEST = "Protocol error: request larger than max_request_size ({} bytes)"
 
 
 class RespProtocolError(Exception):
@@ -82,6 +84,11 @@ class RespProtocolError(Exception):
     @property
     def message(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class RespRequestTooLarge(RespProtocolError):
+    """The bulks of one request add up to more than ``max_request_size``: a distinct kind so a
+    server can log it (a client, or an attacker, trying to make the server buffer gigabytes)."""
 
 
 def _parse_length(digits: bytes | bytearray) -> int | None:
@@ -134,6 +141,11 @@ class RespParser:
       bulk count string".
     * ``max_bulk_length`` (512 MiB): a larger ``$`` length, "invalid bulk length".
     * ``max_multibulk_length`` (1024*1024): a larger ``*`` count, "invalid multibulk length".
+    * ``max_request_size`` (None: no limit): the bulks of one multibulk request may add up to
+      this many bytes; the check runs as each ``$`` length is read, before its bytes are
+      buffered, so a request announcing more raises :class:`RespRequestTooLarge` at once and
+      the parser never holds much more than this (the arguments read plus the bulk in
+      progress). Redis's ``client-query-buffer-limit`` is the same guard.
     """
 
     __slots__ = (
@@ -144,7 +156,9 @@ class RespParser:
         "_max_bulk",
         "_max_inline",
         "_max_multibulk",
+        "_max_request",
         "_missing",
+        "_request_size",
         "_scanned",
     )
 
@@ -154,9 +168,13 @@ class RespParser:
         max_inline_length: int = DEFAULT_MAX_INLINE_LENGTH,
         max_bulk_length: int = DEFAULT_MAX_BULK_LENGTH,
         max_multibulk_length: int = DEFAULT_MAX_MULTIBULK_LENGTH,
+        max_request_size: int | None = None,
     ) -> None:
         if max_inline_length < 1 or max_bulk_length < 0 or max_multibulk_length < 1:
             raise ValueError("RESP limits must be positive")
+        if max_request_size is not None and max_request_size < 1:
+            raise ValueError("max_request_size must be positive")
+        self._max_request = max_request_size
         self._max_inline = max_inline_length
         self._max_bulk = max_bulk_length
         self._max_multibulk = max_multibulk_length
@@ -166,10 +184,12 @@ class RespParser:
         self._missing = 0  # arguments still to read; 0 when between requests
         self._args: list[bytes] = []
         self._bulk_len = -1  # length of the bulk being read; -1 while its "$" line is due
+        self._request_size = 0  # bulk bytes announced so far by the request being read
         # Where the search for the current line's terminator may resume: bytes before it were
         # already searched, so a line trickling in byte by byte costs linear, not quadratic time.
         self._scanned = 0
-        self._error: str | None = None
+        # The error's kind and text, not the exception: its traceback would keep the buffer.
+        self._error: tuple[type[RespProtocolError], str] | None = None
 
     @property
     def buffered_bytes(self) -> int:
@@ -179,7 +199,7 @@ class RespParser:
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append received bytes. Raises the stored error if the parser has failed."""
         if self._error is not None:
-            raise RespProtocolError(self._error)
+            raise self._error[0](self._error[1])
         self._buf += data
 
     def __iter__(self) -> Iterator[list[bytes]]:
@@ -193,13 +213,14 @@ class RespParser:
         Raises :class:`RespProtocolError` when the input breaks the protocol.
         """
         if self._error is not None:
-            raise RespProtocolError(self._error)
+            raise self._error[0](self._error[1])
         try:
             return self._parse()
         except RespProtocolError as exc:
-            self._error = str(exc)
+            self._error = (type(exc), str(exc))
             self._buf = bytearray()
             self._args = []
+            self._request_size = 0
             raise
 
     def _read_length(self, pos: int, too_big: str, invalid: str) -> tuple[int, int] | None:
@@ -251,6 +272,7 @@ class RespParser:
                             missing = count
                             args = []
                             size = -1
+                            self._request_size = 0
                         continue
                     end = buf.find(b"\n", self._scanned if self._scanned > pos else pos)
                     if end < 0:
@@ -291,6 +313,12 @@ class RespParser:
                             size, pos = line
                             if size < 0 or size > self._max_bulk:
                                 raise RespProtocolError(_BAD_BULK)
+                        if self._max_request is not None:
+                            self._request_size += size
+                            if self._request_size > self._max_request:
+                                raise RespRequestTooLarge(
+                                    _TOO_BIG_REQUEST.format(self._max_request)
+                                )
                     stop = pos + size
                     if len(buf) < stop + 2:
                         return None

@@ -34,7 +34,9 @@ reads the replica waits until the earlier round trips have come back (so it sees
 effects). A protocol error is answered ``-ERR Protocol error: ...`` and closes the connection.
 
 Options (``[kv]`` table): ``table``, ``max_value_size`` (bytes, default 32 MiB: one value must fit
-in a channel frame), ``expire_interval``, ``expire_batch``.
+in a channel frame), ``max_request_size`` (bytes, default 128 MiB: the bulks of one request
+together, checked as their lengths are announced; beyond it the client gets an error and is
+closed, as Redis's ``client-query-buffer-limit`` does), ``expire_interval``, ``expire_batch``.
 """
 
 from __future__ import annotations
@@ -56,10 +58,24 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from mpnet.pure.replica import SharedError, SharedValueTooLarge
-from mpnet.pure.resp import RespParser, RespProtocolError, encode_bulk, encode_error, encode_integer
+from mpnet.pure.resp import (
+    RespParser,
+    RespProtocolError,
+    RespRequestTooLarge,
+    encode_bulk,
+    encode_error,
+    encode_integer,
+)
 
 TABLE: str = module.get_option_string("table", "kv") or "kv"
 MAX_VALUE_SIZE = module.get_option_number("max_value_size", 32 * 1024 * 1024, min=1)
+# Twice a channel frame: no larger request could be applied anyway (a write must fit one frame).
+MAX_REQUEST_SIZE = module.get_option_number("max_request_size", 128 * 1024 * 1024, min=1)
+REFUSAL_LOG_EVERY = 10.0  # seconds between log lines about oversized requests
+# Replies are written out once this many bytes are ready, and no more are produced while more
+# than this waits unsent (the connection's high-water mark): a pipeline of "GET big" costs one
+# reply's worth of memory, not one per command.
+REPLY_HIGH_WATER = 64 * 1024
 EXPIRE_INTERVAL = module.get_option_number("expire_interval", 0.1, min=0.001)
 EXPIRE_BATCH = module.get_option_number("expire_batch", 200, min=1)
 
@@ -210,15 +226,27 @@ class Command:
 class Session:
     """One client: its parser, its protocol version and its replies in order."""
 
-    __slots__ = ("closing", "conn", "error", "held", "name", "null", "parser", "proto", "replies")
+    __slots__ = (
+        "closing",
+        "conn",
+        "error",
+        "held",
+        "name",
+        "null",
+        "parser",
+        "proto",
+        "replies",
+        "stalled",
+    )
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
-        self.parser = RespParser(max_bulk_length=MAX_VALUE_SIZE)
+        self.parser = RespParser(max_bulk_length=MAX_VALUE_SIZE, max_request_size=MAX_REQUEST_SIZE)
         self.replies: list[Reply] = []
         self.held: list[bytes] | None = None  # a command waiting for round trips to finish
         self.error: bytes | None = None  # a protocol error to send once replies are out
         self.closing = False
+        self.stalled = False  # the peer is not reading: commands wait for ondrain
         self.proto = 2
         self.null = b"$-1\r\n"
         self.name: bytes | None = None
@@ -227,15 +255,20 @@ class Session:
 
     def pump(self) -> bool:
         """Run every complete command that may run now; True if round trips must be awaited
-        first (the caller then runs :meth:`drain`)."""
+        first (the caller then runs :meth:`drain`). Stops early, with ``stalled`` set, while
+        the peer leaves more than ``REPLY_HIGH_WATER`` bytes unread: reading is paused then
+        (backpressure) and ``ondrain`` resumes the pump."""
         replies = self.replies
         waiting = any(reply.__class__ is not bytes for reply in replies)
+        ready = 0  # bytes of replies produced and not yet written
         while not self.closing:
             command = self.held
             if command is None:
                 try:
                     command = self.parser.next_command()
                 except RespProtocolError as exc:
+                    if isinstance(exc, RespRequestTooLarge):
+                        oversized(self.conn, exc)
                     self.error = encode_error(f"ERR {exc}")
                     self.closing = True
                     break
@@ -261,6 +294,14 @@ class Session:
                     reply = E_INTERNAL
             if reply.__class__ is bytes:
                 replies.append(reply)  # type: ignore[arg-type]
+                if not waiting:
+                    ready += len(reply)  # type: ignore[arg-type]
+                    if ready > REPLY_HIGH_WATER:
+                        ready = 0
+                        self.write_replies()
+                        if self.conn.buffered() > REPLY_HIGH_WATER:
+                            self.stalled = True  # ondrain carries on
+                            return False
                 continue
             replies.append(reply)
             waiting = True
@@ -271,11 +312,14 @@ class Session:
         self.flush()
         return False
 
-    def flush(self) -> None:
+    def write_replies(self) -> None:
         replies = self.replies
         if replies:
             self.conn.write(replies[0] if len(replies) == 1 else b"".join(replies))  # type: ignore[arg-type]
             replies.clear()
+
+    def flush(self) -> None:
+        self.write_replies()
         if self.closing:
             if self.error is not None:
                 self.conn.write(self.error)
@@ -317,6 +361,27 @@ class Session:
             else:
                 parts.append(encode_bulk(value))  # type: ignore[arg-type]
         return b"".join(parts)
+
+
+_oversized = {"count": 0, "next_log": 0.0}
+
+
+def oversized(conn: Any, exc: RespRequestTooLarge) -> None:
+    """Log requests refused for their size: the first at once, then one line per
+    ``REFUSAL_LOG_EVERY`` seconds with the count (announcing a huge length costs a few bytes)."""
+    _oversized["count"] += 1
+    now = time.monotonic()
+    if now >= _oversized["next_log"]:
+        module.log(
+            "warn",
+            "closing connection %s from %s: %s (%d such request(s) since the last report)",
+            conn.id,
+            conn.ip(),
+            exc,
+            _oversized["count"],
+        )
+        _oversized["count"] = 0
+        _oversized["next_log"] = now + REFUSAL_LOG_EVERY
 
 
 def unknown_command(command: list[bytes]) -> bytes:
@@ -800,6 +865,17 @@ class listener:
         if session.closing:
             return None
         session.parser.feed(chunk)
+        if session.stalled:
+            return None
+        if session.pump():
+            return session.drain()
+        return None
+
+    def ondrain(conn):
+        session = sessions.get(conn)
+        if session is None or not session.stalled:
+            return None
+        session.stalled = False
         if session.pump():
             return session.drain()
         return None
