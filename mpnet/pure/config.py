@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .trusted import parse_networks
+
 DEFAULT_CONFIG = """\
 # The embedded default configuration: the seed's two examples on loopback.
 workers = "auto"
@@ -90,6 +92,17 @@ def _ports(value: Any) -> str | None:
     return "a port number (0-65535) or a list of port numbers"
 
 
+def _networks(value: Any) -> str | None:
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(isinstance(item, str) for item in items):
+        return 'a list of networks, e.g. ["10.0.0.0/8", "2001:db8::/32"]'
+    try:
+        parse_networks(items)
+    except ValueError as exc:
+        return f'a list of networks, e.g. ["10.0.0.0/8"]: {exc}'
+    return None
+
+
 def _log_level(value: Any) -> str | None:
     return None if value in LOG_LEVELS else "one of " + ", ".join(repr(v) for v in LOG_LEVELS)
 
@@ -149,6 +162,7 @@ GLOBAL_KEYS: dict[str, Key] = {
 SERVICE_ONLY_KEYS: dict[str, Key] = {
     "ports": Key(_ports, None),
     "proxy_protocol": Key(_bool, False),
+    "proxy_trusted": Key(_networks, None),
 }
 
 
@@ -273,9 +287,15 @@ def parse_config(text: str, path: str, base_dir: Path) -> Config:
         if isinstance(values[name], str):
             values[name] = [values[name]]
     for options in service_options.values():
-        for name in ("ports", "interfaces"):
+        for name in ("ports", "interfaces", "proxy_trusted"):
             if name in options and not isinstance(options[name], list):
                 options[name] = [options[name]]
+    for service, options in service_options.items():
+        if "proxy_trusted" in options and not options.get("proxy_protocol"):
+            raise ConfigError(
+                f"{path}: key '{service}_proxy_trusted': only means something with "
+                f"{service}_proxy_protocol = true; set that too, or remove this key"
+            )
     if not values["modules"]:
         raise ConfigError(f"{path}: key 'modules': no modules to load; list at least one")
     return Config(

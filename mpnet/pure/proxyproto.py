@@ -18,9 +18,11 @@ Decisions the spec leaves open, made here:
 * ``family`` is a string: ``"TCP4"``, ``"TCP6"``, ``"UDP4"``, ``"UDP6"`` (v2 datagram),
   ``"UNIX"`` (v2 AF_UNIX, stream or datagram, see ``transport``) or ``"UNKNOWN"``.
   ``source``/``destination`` are ``(ip, port)`` with ``ip`` in ``ipaddress``'s textual form,
-  only for the four IP families. For ``"UNIX"`` they are None and the socket paths are in
-  ``source_path``/``destination_path``. For ``"UNKNOWN"`` (v1 ``UNKNOWN``, v2 ``LOCAL``, v2
-  AF_UNSPEC) they are None: use the connection's real peer address.
+  only for the four IP families; an IPv4-mapped IPv6 address (``::ffff:192.0.2.1``) is given as
+  the IPv4 address it stands for (``family`` stays what the header said). For ``"UNIX"`` they
+  are None and the socket paths are in ``source_path``/``destination_path``. For
+  ``"UNKNOWN"`` (v1 ``UNKNOWN``, v2 ``LOCAL``, v2 AF_UNSPEC) they are None: use the
+  connection's real peer address.
 * v2 ``LOCAL`` (health checks): the spec says to ignore the address block including the
   family, so any family byte is accepted and ``family`` is ``"UNKNOWN"``. The same holds for
   ``PROXY`` with AF_UNSPEC, whose address information is to be ignored. In both cases TLVs are
@@ -326,8 +328,8 @@ class ProxyHeaderParser:
             destination = (str(ipaddress.IPv4Address(block[4:8])), _u16(block, 10))
             return ProxyResult(2, "PROXY", family, transport, source, destination, tlvs, remaining)
         if addr_len == 36:
-            source = (str(ipaddress.IPv6Address(block[0:16])), _u16(block, 32))
-            destination = (str(ipaddress.IPv6Address(block[16:32])), _u16(block, 34))
+            source = (_ipv6_text(ipaddress.IPv6Address(block[0:16])), _u16(block, 32))
+            destination = (_ipv6_text(ipaddress.IPv6Address(block[16:32])), _u16(block, 34))
             return ProxyResult(2, "PROXY", family, transport, source, destination, tlvs, remaining)
         if addr_len == 216:
             return ProxyResult(
@@ -404,9 +406,16 @@ def _v1_ipv6(text: bytes, which: str) -> str:
     if not text or not _V1_IPV6_CHARS.issuperset(text):
         raise ProxyProtocolError(f"v1: bad TCP6 {which} address {text!r}")
     try:
-        return str(ipaddress.IPv6Address(text.decode("ascii")))
+        return _ipv6_text(ipaddress.IPv6Address(text.decode("ascii")))
     except ValueError:
         raise ProxyProtocolError(f"v1: bad TCP6 {which} address {text!r}") from None
+
+
+def _ipv6_text(address: ipaddress.IPv6Address) -> str:
+    """An IPv4-mapped address (``::ffff:192.0.2.1``, what a dual-stack proxy reports for an IPv4
+    client) as the IPv4 address it stands for, on every Python version; others as they are."""
+    mapped = address.ipv4_mapped
+    return str(mapped) if mapped is not None else str(address)
 
 
 def _v1_port(text: bytes, which: str) -> int:
