@@ -17,6 +17,7 @@ from . import log as mpnet_log
 from .checker import CheckFailed, check_modules
 from .portmanager import PortConflict, PortLedger, plan_services
 from .pure.config import Config, ConfigError, load_config, with_overrides
+from .running import running_instance
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -59,8 +60,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     plans = plan_services(config, report["services"])
     ledger = PortLedger(config["backlog"])
     ledger.plans = plans
+    running = ours = None
     if args.probe:
-        ledger.check(plans)
+        running = running_instance(config)
+        held = running.endpoints if running else frozenset()
+        ledger.check(plans, held_by_us=held)
+        ours = sorted({str(e) for p in plans for e in p.endpoints} & held)
     if args.json:
         print(
             json.dumps(
@@ -69,6 +74,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                     "workers": config.worker_count,
                     "modules": report["modules"],
                     "services": {p.service: [str(e) for e in p.endpoints] for p in plans},
+                    "running": {"pid": running.pid, "endpoints": ours} if running else None,
                 }
             )
         )
@@ -76,6 +82,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"config {config.path}: ok ({config.worker_count} workers)")
     for line in ledger.describe():
         print(f"  {line}")
+    if running and ours:
+        print(f"  {', '.join(ours)}: in use by the running mpnet (pid {running.pid})")
     return 0
 
 

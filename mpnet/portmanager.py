@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,8 +158,10 @@ class PortLedger:
         self.plans: list[ServicePlan] = []
         self.adoptable: list[Any] = []  # systemd-activated sockets not yet claimed
 
-    def check(self, plans: list[ServicePlan]) -> None:
-        """Raise PortConflict unless every endpoint of *plans* can be had (nothing is bound)."""
+    def check(self, plans: list[ServicePlan], held_by_us: Collection[str] = ()) -> None:
+        """Raise PortConflict unless every endpoint of *plans* can be had (nothing is bound).
+        *held_by_us*: addresses (``127.0.0.1:5432``) the running mpnet of this config holds,
+        not probed."""
         problems = find_conflicts(plans)
         if problems:
             raise PortConflict(problems[0])
@@ -167,6 +169,8 @@ class PortLedger:
             for endpoint in plan.endpoints:
                 held = self.bindings.get(binding_key(plan.service, endpoint))
                 if held is not None or endpoint.port == 0 or self._activated(endpoint):
+                    continue
+                if str(endpoint) in held_by_us:
                     continue
                 if self._holds_overlapping(endpoint):
                     continue  # our own SO_REUSEPORT sockets: a plain-bind probe would fail on them
