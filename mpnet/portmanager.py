@@ -10,6 +10,7 @@ predecessor used and connections queued in the kernel are never reset.
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from .pure.portplan import (
     literal_host,
     plan_endpoints,
 )
+
+log = logging.getLogger("mpnet.ports")
 
 
 class PortConflict(Exception):
@@ -80,6 +83,16 @@ def describe_holder(endpoint: Endpoint) -> str | None:
     except Exception:  # best effort: the refusal stands without a name
         return None
     return None
+
+
+def describe_activated(activated: Any) -> str:
+    """``passed fd 3 (127.0.0.1:5432, name 'mpnet.socket')`` for a systemd-passed socket."""
+    try:
+        address = activated.local_address()
+        where = format_address(*address) if address else str(activated.socket.getsockname())
+    except OSError as exc:
+        where = f"unknown address: {exc}"
+    return f"passed fd {activated.fd} ({where}, name {activated.name!r})"
 
 
 def _new_socket(endpoint: Endpoint, reuse_port: bool) -> socket.socket:
@@ -208,6 +221,28 @@ class PortLedger:
             Endpoint(binding.endpoint.host, binding.port).overlaps(endpoint)
             for binding in self.bindings.values()
         )
+
+    def check_activated(self, plans: list[ServicePlan]) -> None:
+        """At start: log the sockets systemd passed, and raise PortConflict naming any that no
+        endpoint of *plans* matches (it would sit bound and unserved, its clients hanging)."""
+        if not self.adoptable:
+            return
+        endpoints = [(plan, endpoint) for plan in plans for endpoint in plan.endpoints]
+        unmatched = []
+        for activated in self.adoptable:
+            users = [p.service for p, e in endpoints if activated.matches(e)]
+            if users:
+                log.info("socket activation: %s serves %s", describe_activated(activated),
+                         ", ".join(dict.fromkeys(users)))  # fmt: skip
+            else:
+                unmatched.append(describe_activated(activated))
+        if unmatched:
+            wanted = ", ".join(f"{p.service} {e}" for p, e in endpoints) or "none"
+            raise PortConflict(
+                f"socket activation: {'; '.join(unmatched)} matches no service endpoint "
+                f"(endpoints: {wanted}); add its address to a service's <service>_ports / "
+                "<service>_interfaces, or remove it from the socket unit"
+            )
 
     def _activated(self, endpoint: Endpoint) -> Any:
         for activated in self.adoptable:
