@@ -126,15 +126,24 @@ def _workers_arg(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f'expected a number or "auto", got {value!r}') from None
 
 
+LINUX_ONLY = (
+    "mpnet runs on Linux only (it relies on fork, SO_REUSEPORT load balancing and passing "
+    "descriptors between processes); this system is {platform!r}"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if not sys.platform.startswith("linux"):
+        print(f"mpnet: error: {LINUX_ONLY.format(platform=sys.platform)}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
-        print(f"mpnet: error: {exc}", file=sys.stderr)
+        controlclient.print_error(args, str(exc))
         return 2
     except (CheckFailed, PortConflict) as exc:
-        print(f"mpnet: error: {exc}", file=sys.stderr)
+        controlclient.print_error(args, str(exc))
         return 1
     except KeyboardInterrupt:
         return 130

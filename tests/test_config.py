@@ -519,3 +519,17 @@ def test_proxy_trusted_needs_proxy_protocol() -> None:
     with pytest.raises(ConfigError, match="'echo_proxy_trusted': only means something with "
                        "echo_proxy_protocol = true"):  # fmt: skip
         parse('echo_proxy_trusted = ["10.0.0.0/8"]\n')
+
+
+@pytest.mark.parametrize(
+    ("line", "suggestion"),
+    [
+        ("echo_port = 7000", "echo_ports"),
+        ("my_chat_port = 7000", "my_chat_ports"),
+        ('echo_interface = "::1"', "echo_interfaces"),
+        ("echo_read_timout = 3", "echo_read_timeout"),
+    ],
+)
+def test_near_miss_of_a_service_key_suggests_it(line: str, suggestion: str) -> None:
+    with pytest.raises(ConfigError, match=f"unknown key .* \\(did you mean '{suggestion}'\\?\\)"):
+        parse(line + "\n")

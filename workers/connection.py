@@ -78,6 +78,20 @@ class WorkerCounters:
         self.max_connections = max_connections
 
 
+def as_bytes(data: Any) -> bytes | bytearray | memoryview:
+    """What ``conn.write`` sends for *data* that is not ``bytes`` (the slow path): a str as
+    UTF-8, a bytearray or memoryview as is; anything else is the module's mistake, a TypeError
+    raised at its call (the transport would take None silently and name memoryview for 5)."""
+    if data.__class__ is str:
+        return data.encode()  # type: ignore[no-any-return]
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return data
+    raise TypeError(
+        f"conn.write() takes bytes or str, not {type(data).__name__} ({data!r:.60}); "
+        "encode it first, e.g. conn.write(str(value))"
+    )
+
+
 class Service:
     """A provider at run time in one worker: callbacks, settings, open connections, counters."""
 
@@ -493,8 +507,8 @@ class Connection(asyncio.Protocol):
         """
         if self._closed:
             return False
-        if data.__class__ is str:
-            data = data.encode()  # type: ignore[union-attr]
+        if data.__class__ is not bytes:
+            data = as_bytes(data)
         transport = self._transport
         transport.write(data)  # type: ignore[union-attr, arg-type]
         if self._paused & PAUSED_BY_BACKPRESSURE and (
@@ -792,7 +806,7 @@ class OutgoingConnection(Connection):
 
     def write(self, data: bytes | str) -> bool:
         if self.connecting and not self._closed:
-            self._early.append(data.encode() if isinstance(data, str) else bytes(data))
+            self._early.append(bytes(as_bytes(data)))
             return True
         return Connection.write(self, data)
 

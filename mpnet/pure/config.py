@@ -237,6 +237,22 @@ def _suggest(word: str, candidates: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _suggest_key(key: str) -> str:
+    """A hint for an unknown key: a near miss of a global key (``max_connection``), else of a
+    service key (``echo_port`` -> ``echo_ports``), else the closest global key."""
+    close_global = difflib.get_close_matches(key, list(GLOBAL_KEYS), n=1, cutoff=0.85)
+    if close_global:
+        return f" (did you mean {close_global[0]!r}?)"
+    parts = key.split("_")
+    suffixes = [k for k in GLOBAL_KEYS if GLOBAL_KEYS[k].per_service] + list(SERVICE_ONLY_KEYS)
+    for index in range(1, len(parts)):
+        service, suffix = "_".join(parts[:index]), "_".join(parts[index:])
+        close = difflib.get_close_matches(suffix, suffixes, n=1, cutoff=0.8)
+        if close:
+            return f" (did you mean '{service}_{close[0]}'?)"
+    return _suggest(key, list(GLOBAL_KEYS))
+
+
 def _split_service_key(key: str) -> tuple[str, str] | None:
     """Split ``echo_read_timeout`` into ("echo", "read_timeout"), trying the longest suffix."""
     parts = key.split("_")
@@ -275,7 +291,7 @@ def parse_config(text: str, path: str, base_dir: Path) -> Config:
         if isinstance(value, dict):
             module_tables[key] = value
             continue
-        hint = _suggest(key, list(GLOBAL_KEYS))
+        hint = _suggest_key(key)
         raise ConfigError(
             f"{path}: unknown key {key!r}{hint}; per-service keys are <service>_<key> with <key> "
             f"one of: {', '.join(sorted(k for k in GLOBAL_KEYS if GLOBAL_KEYS[k].per_service))}"
