@@ -507,8 +507,8 @@ class Connection(asyncio.Protocol):
         """
         if self._closed:
             return False
-        if data.__class__ is not bytes:
-            data = as_bytes(data)
+        if data.__class__ is not bytes:  # bytes: one check; str: two; the rest: a call
+            data = data.encode() if data.__class__ is str else as_bytes(data)  # type: ignore[union-attr]
         transport = self._transport
         transport.write(data)  # type: ignore[union-attr, arg-type]
         if self._paused & PAUSED_BY_BACKPRESSURE and (
