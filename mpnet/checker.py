@@ -39,6 +39,13 @@ def _child(config: Config, write_fd: int) -> None:
     try:
         loaded = load_modules(config, before_run=lambda: become_service_user(config))
         tls_contexts(config, loaded)  # a missing or broken certificate fails here, early
+        for module in loaded.modules:  # warned here once, not by every worker
+            if not module.providers:
+                module.logger.warning(
+                    "module %s provides nothing: no module.provides('net', ...) ran, so it "
+                    "serves no port (fine for a module that only hooks, shares or runs timers)",
+                    module.name,
+                )
         result: dict[str, Any] = {
             "ok": True,
             "services": loaded.describe(),

@@ -17,6 +17,7 @@ from . import log as mpnet_log
 from .checker import CheckFailed, check_modules
 from .portmanager import PortConflict, PortLedger, plan_services
 from .pure.config import Config, ConfigError, load_config, with_overrides
+from .running import running_instance
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -65,8 +66,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     plans = plan_services(config, report["services"])
     ledger = PortLedger(config["backlog"])
     ledger.plans = plans
+    running = ours = None
     if args.probe:
-        ledger.check(plans)
+        running = running_instance(config)
+        held = running.endpoints if running else frozenset()
+        ledger.check(plans, held_by_us=held)
+        ours = sorted({str(e) for p in plans for e in p.endpoints} & held)
     if args.json:
         print(
             json.dumps(
@@ -75,6 +80,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                     "workers": config.worker_count,
                     "modules": report["modules"],
                     "services": {p.service: [str(e) for e in p.endpoints] for p in plans},
+                    "running": {"pid": running.pid, "endpoints": ours} if running else None,
                 }
             )
         )
@@ -82,6 +88,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"config {config.path}: ok ({config.worker_count} workers)")
     for line in ledger.describe():
         print(f"  {line}")
+    if running and ours:
+        print(f"  {', '.join(ours)}: in use by the running mpnet (pid {running.pid})")
     return 0
 
 
@@ -124,15 +132,24 @@ def _workers_arg(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f'expected a number or "auto", got {value!r}') from None
 
 
+LINUX_ONLY = (
+    "mpnet runs on Linux only (it relies on fork, SO_REUSEPORT load balancing and passing "
+    "descriptors between processes); this system is {platform!r}"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if not sys.platform.startswith("linux"):
+        print(f"mpnet: error: {LINUX_ONLY.format(platform=sys.platform)}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
-        print(f"mpnet: error: {exc}", file=sys.stderr)
+        controlclient.print_error(args, str(exc))
         return 2
     except (CheckFailed, PortConflict) as exc:
-        print(f"mpnet: error: {exc}", file=sys.stderr)
+        controlclient.print_error(args, str(exc))
         return 1
     except KeyboardInterrupt:
         return 130

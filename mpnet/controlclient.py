@@ -74,6 +74,15 @@ def request(path: Path, command: ControlRequest, timeout: float = 30.0) -> Contr
     return reply
 
 
+def print_error(args: argparse.Namespace, message: str) -> None:
+    """An error as the user asked for output: ``{"error": ...}`` on stdout with ``--json`` (a
+    script parses stdout either way), else ``mpnet: error: ...`` on stderr."""
+    if getattr(args, "json", False):
+        print(json.dumps({"error": message}))
+    else:
+        print(f"mpnet: error: {message}", file=sys.stderr)
+
+
 def _socket_path(args: argparse.Namespace) -> Path:
     if args.socket:
         return Path(args.socket)
@@ -188,7 +197,7 @@ def _command(
         try:
             reply = request(_socket_path(args), build(args), timeout=args.timeout)
         except ControlError as exc:
-            print(f"mpnet: error: {exc}", file=sys.stderr)
+            print_error(args, str(exc))
             return 1
         if getattr(args, "json", False):
             print(json.dumps(json.loads(reply.to_json()), indent=2))

@@ -159,6 +159,7 @@ class Master:
     def _start(self) -> None:
         plans = self._prepare(self.config)
         try:
+            self.ledger.check_activated(plans)
             self.ledger.apply(plans, self.slots)
             self.shared.open()
         except (PortConflict, StateFileError, OSError) as exc:

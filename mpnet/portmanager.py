@@ -10,10 +10,11 @@ predecessor used and connections queued in the kernel are never reset.
 from __future__ import annotations
 
 import errno
+import logging
 import select
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,8 @@ from .pure.portplan import (
     literal_host,
     plan_endpoints,
 )
+
+log = logging.getLogger("mpnet.ports")
 
 
 class PortConflict(Exception):
@@ -82,6 +85,16 @@ def describe_holder(endpoint: Endpoint) -> str | None:
     except Exception:  # best effort: the refusal stands without a name
         return None
     return None
+
+
+def describe_activated(activated: Any) -> str:
+    """``passed fd 3 (127.0.0.1:5432, name 'mpnet.socket')`` for a systemd-passed socket."""
+    try:
+        address = activated.local_address()
+        where = format_address(*address) if address else str(activated.socket.getsockname())
+    except OSError as exc:
+        where = f"unknown address: {exc}"
+    return f"passed fd {activated.fd} ({where}, name {activated.name!r})"
 
 
 def _new_socket(endpoint: Endpoint, reuse_port: bool) -> socket.socket:
@@ -160,8 +173,10 @@ class PortLedger:
         self.plans: list[ServicePlan] = []
         self.adoptable: list[Any] = []  # systemd-activated sockets not yet claimed
 
-    def check(self, plans: list[ServicePlan]) -> None:
-        """Raise PortConflict unless every endpoint of *plans* can be had (nothing is bound)."""
+    def check(self, plans: list[ServicePlan], held_by_us: Collection[str] = ()) -> None:
+        """Raise PortConflict unless every endpoint of *plans* can be had (nothing is bound).
+        *held_by_us*: addresses (``127.0.0.1:5432``) the running mpnet of this config holds,
+        not probed."""
         problems = find_conflicts(plans)
         if problems:
             raise PortConflict(problems[0])
@@ -169,6 +184,8 @@ class PortLedger:
             for endpoint in plan.endpoints:
                 held = self.bindings.get(binding_key(plan.service, endpoint))
                 if held is not None or endpoint.port == 0 or self._activated(endpoint):
+                    continue
+                if str(endpoint) in held_by_us:
                     continue
                 if self._holds_overlapping(endpoint):
                     continue  # our own SO_REUSEPORT sockets: a plain-bind probe would fail on them
@@ -206,6 +223,28 @@ class PortLedger:
             Endpoint(binding.endpoint.host, binding.port).overlaps(endpoint)
             for binding in self.bindings.values()
         )
+
+    def check_activated(self, plans: list[ServicePlan]) -> None:
+        """At start: log the sockets systemd passed, and raise PortConflict naming any that no
+        endpoint of *plans* matches (it would sit bound and unserved, its clients hanging)."""
+        if not self.adoptable:
+            return
+        endpoints = [(plan, endpoint) for plan in plans for endpoint in plan.endpoints]
+        unmatched = []
+        for activated in self.adoptable:
+            users = [p.service for p, e in endpoints if activated.matches(e)]
+            if users:
+                log.info("socket activation: %s serves %s", describe_activated(activated),
+                         ", ".join(dict.fromkeys(users)))  # fmt: skip
+            else:
+                unmatched.append(describe_activated(activated))
+        if unmatched:
+            wanted = ", ".join(f"{p.service} {e}" for p, e in endpoints) or "none"
+            raise PortConflict(
+                f"socket activation: {'; '.join(unmatched)} matches no service endpoint "
+                f"(endpoints: {wanted}); add its address to a service's <service>_ports / "
+                "<service>_interfaces, or remove it from the socket unit"
+            )
 
     def _activated(self, endpoint: Endpoint) -> Any:
         for activated in self.adoptable:

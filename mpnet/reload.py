@@ -4,8 +4,9 @@ A reload goes through three steps, each driven by the master's loop through :cla
 
 1. *Checking.* The config is read again and a checker process loads the modules
    (:mod:`mpnet.checker`). Its pipe is one more descriptor in the master's selector, so the loop
-   keeps serving while it loads. A reload asked for meanwhile (or during start-up) is queued:
-   however many arrive, one more runs after that check, reading the files again.
+   keeps serving while it loads. A reload asked for meanwhile (or during start-up, or while an
+   accepted reload still replaces the workers) is queued: however many arrive, one more runs
+   once the running one is done, reading the files again.
 2. *Replacing.* A good check plans the ports, and the master adopts the new config under a new
    generation number; its reconcile replaces the workers one slot at a time.
 3. *Complete, or rolled back.* Once the new generation serves every slot, the reload is
@@ -121,6 +122,7 @@ class Reloads:
         self._read_config = read_config  # returns a fresh Config
         self._pending: PendingReload | None = None  # a check in progress
         self._queued: list[Deferred] | None = None  # one more reload after it (with waiters)
+        self._coalesced = 0  # requests folded into the queued reload
         self._rollback: Rollback | None = None  # while a reload replaces workers
         self._issued = 1  # generation numbers handed out: start-up's is 1; a failed one is skipped
         self.replacing = False  # a reload's generation is replacing the workers
@@ -144,15 +146,25 @@ class Reloads:
     def request(self, waiter: Deferred | None, running: bool) -> None:
         """Re-read config and modules; if valid, the master replaces the workers slot by slot.
 
-        While a check runs, or while the master is not *running* yet, the reload is queued.
-        *waiter* (a control client) gets the check's outcome.
+        While a check runs, while a reload's generation replaces the workers, or while the
+        master is not *running* yet, the reload is queued: requests that arrive meanwhile (a
+        burst of SIGHUPs) make one reload, not one each. *waiter* (a control client) gets the
+        check's outcome.
         """
         waiters = [waiter] if waiter is not None else []
-        if self._pending is not None or not running:
+        if self._pending is not None or self.replacing or not running:
             if self._queued is None:
-                busy = "a reload's modules are checked" if running else "starting"
+                busy = (
+                    "a reload's modules are checked"
+                    if self._pending is not None
+                    else "a reload replaces the workers"
+                    if running
+                    else "starting"
+                )
                 log.info("reload requested while %s: it follows", busy)
                 self._queued = []
+            else:
+                self._coalesced += 1
             self._queued += waiters
             return
         self._start(waiters)
@@ -161,8 +173,14 @@ class Reloads:
         """A check past its deadline fails; a queued reload starts once none runs."""
         if self._pending is not None and time.monotonic() > self._pending.check.deadline:
             self._check_done(timed_out=True)
-        if self._pending is None and self._queued is not None and running:
+        if self._pending is None and not self.replacing and self._queued is not None and running:
             waiters, self._queued = self._queued, None
+            if self._coalesced:
+                log.info(
+                    "%d more reload request(s) arrived meanwhile: one reload serves them all",
+                    self._coalesced,
+                )
+                self._coalesced = 0
             self._start(waiters)
 
     def on_readable(self) -> None:
@@ -217,6 +235,7 @@ class Reloads:
         for waiter in self._queued or []:
             waiter.resolve(ControlReply.failure("stopping"))
         self._queued = None
+        self._coalesced = 0
 
     def close(self) -> None:
         """The master exits: kill a running checker and wait for it."""

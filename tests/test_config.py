@@ -491,3 +491,45 @@ def test_with_overrides_checks_values(value: object) -> None:
     with pytest.raises(ConfigError) as info:
         with_overrides(parse(""), workers=value)
     assert_one_line(str(info.value), "command line", "--workers", "from 1 to 1024")
+
+
+def test_proxy_trusted_networks() -> None:
+    config = parse('echo_proxy_protocol = true\necho_proxy_trusted = ["10.0.0.0/8", "::1"]\n')
+    assert config.service_option("echo", "proxy_trusted") == ["10.0.0.0/8", "::1"]
+    one = parse('echo_proxy_protocol = true\necho_proxy_trusted = "10.0.0.0/8"\n')
+    assert one.service_option("echo", "proxy_trusted") == ["10.0.0.0/8"]
+    assert parse("").service_option("echo", "proxy_trusted") is None
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ('echo_proxy_trusted = ["10.0.0.1/8"]', "expected .*'10.0.0.1/8' is not a network .*bits"),
+        ('echo_proxy_trusted = ["ten"]', "expected .*'ten' is not a network"),
+        ("echo_proxy_trusted = [10]", "expected a list of networks"),
+        ("echo_proxy_trusted = []", "expected a list of networks"),
+    ],
+)
+def test_proxy_trusted_invalid(line: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=f"{PATH}: key 'echo_proxy_trusted': {expected}"):
+        parse("echo_proxy_protocol = true\n" + line + "\n")
+
+
+def test_proxy_trusted_needs_proxy_protocol() -> None:
+    with pytest.raises(ConfigError, match="'echo_proxy_trusted': only means something with "
+                       "echo_proxy_protocol = true"):  # fmt: skip
+        parse('echo_proxy_trusted = ["10.0.0.0/8"]\n')
+
+
+@pytest.mark.parametrize(
+    ("line", "suggestion"),
+    [
+        ("echo_port = 7000", "echo_ports"),
+        ("my_chat_port = 7000", "my_chat_ports"),
+        ('echo_interface = "::1"', "echo_interfaces"),
+        ("echo_read_timout = 3", "echo_read_timeout"),
+    ],
+)
+def test_near_miss_of_a_service_key_suggests_it(line: str, suggestion: str) -> None:
+    with pytest.raises(ConfigError, match=f"unknown key .* \\(did you mean '{suggestion}'\\?\\)"):
+        parse(line + "\n")

@@ -86,6 +86,8 @@ def _clients_on_distinct_workers(port: int, count: int) -> list[RespClient]:
 
 # -- exact replies through a raw socket --------------------------------------------------------
 
+E_NAME = b"-ERR Client names cannot contain spaces, newlines or special characters.\r\n"
+
 TRANSCRIPT: list[tuple[tuple[str | bytes | int, ...], bytes]] = [
     (("PING",), b"+PONG\r\n"),
     (("ping", "hi"), b"$2\r\nhi\r\n"),
@@ -161,6 +163,21 @@ TRANSCRIPT: list[tuple[tuple[str | bytes | int, ...], bytes]] = [
     (("CLIENT", "SETNAME", "me"), b"+OK\r\n"),
     (("CLIENT", "GETNAME"), b"$2\r\nme\r\n"),
     (("CLIENT", "SETINFO", "LIB-NAME", "test"), b"+OK\r\n"),
+    (("CLIENT", "SETNAME", "a\r\nb"), E_NAME),
+    (("CLIENT", "SETNAME", "a b"), E_NAME),
+    (("CLIENT", "SETNAME", "caf\u00e9"), E_NAME),
+    (("CLIENT", "SETNAME", "x" * 1_000_000), b"-ERR Client names are limited to 512 bytes.\r\n"),
+    (("CLIENT", "GETNAME"), b"$2\r\nme\r\n"),  # unchanged by the refusals
+    (("HELLO", "2", "SETNAME", "new\nline"), E_NAME),
+    (("CLIENT", "SETNAME", ""), b"+OK\r\n"),
+    (("CLIENT", "GETNAME"), b"$-1\r\n"),
+    (("SCAN", "0", "COUNT", "0"), b"-ERR syntax error\r\n"),
+    (("SCAN", "0", "COUNT", "x"), b"-ERR value is not an integer or out of range\r\n"),
+    (("SCAN", "0", "MATCH"), b"-ERR syntax error\r\n"),
+    (("SCAN", "0", "BOGUS", "1"), b"-ERR syntax error\r\n"),
+    (("SCAN", "x"), b"-ERR invalid cursor\r\n"),
+    (("SCAN", "0", "MATCH", "nomatch*", "COUNT", "1000"), b"*2\r\n$1\r\n0\r\n*0\r\n"),
+    (("SCAN", "0", "TYPE", "hash", "COUNT", "1000"), b"*2\r\n$1\r\n0\r\n*0\r\n"),
 ]
 
 
@@ -398,6 +415,49 @@ def test_redis_cli(kv):
     # Commands on stdin: redis-cli asks for COMMAND DOCS first, then runs them one by one.
     assert _cli(port, stdin="SET piped 1\nINCR piped\nGET piped\n") == "OK\n2\n2\n"
     assert _cli(port, "--pipe", stdin="SET a 1\r\nSET b 2\r\n").count("errors: 0") == 1
+
+
+@needs_cli
+def test_redis_cli_scan(kv):
+    _, port = kv(workers=2)
+    with RespClient(port) as client:
+        keys = [f"user:{i}" for i in range(500)] + [f"other:{i}" for i in range(50)]
+        args: list[str] = []
+        for key in keys:
+            args += [key, "1"]
+        assert client.call("MSET", *args) == b"+OK\r\n"
+        client.call("SET", "gone", "x", "PX", "1")
+        wait_for(lambda: client.call("EXISTS", "gone") == b":0\r\n")
+
+    def all_seen() -> bool:  # redis-cli may land on the other worker: wait for its replica
+        return sorted(_cli(port, "--scan").split()) == sorted(keys)
+
+    wait_for(all_seen, what="redis-cli --scan to list every key")
+    users = _cli(port, "--scan", "--pattern", "user:*").split()
+    assert sorted(users) == sorted(keys[:500])
+
+
+def test_redis_py_scan_iter_while_keys_change(kv):
+    _, port = kv(workers=2)
+    r = redis.Redis(host="127.0.0.1", port=port)
+    try:
+        stable = {f"stable:{i}".encode() for i in range(300)}
+        r.mset({key: b"v" for key in stable})
+        seen: set[bytes] = set()
+        for n, key in enumerate(r.scan_iter(match="*", count=5)):
+            seen.add(key)
+            if n % 3 == 0:  # churn between pages: new keys and deleted ones
+                r.set(f"new:{n}", 1)
+                r.delete(f"new:{n - 3}")
+        assert stable <= seen
+        assert {key for key in r.scan_iter(match="stable:1?", count=1000)} == {
+            f"stable:1{i}".encode() for i in range(10)
+        }
+        assert list(r.scan_iter(_type="list")) == []
+        with pytest.raises(redis.ResponseError, match="cannot contain spaces, newlines"):
+            r.client_setname("bad\r\nname")
+    finally:
+        r.close()
 
 
 @needs_benchmark

@@ -358,6 +358,43 @@ def test_master_serves_while_a_reload_is_checked_and_queues_more_reloads(
         server.wait_log(re.escape(f"(pid {pid}) stopped (exited with code 0)"))
 
 
+SLOW_BOOT_MODULE = """\
+import os, time
+if __import__("mpnet.log").log.role().startswith("w") and os.path.exists({flag!r}):
+    time.sleep(5)  # a slow start in new workers: the reload replaces them for seconds
+class listener:
+    def onconnect(conn):
+        conn.write("hi\\n")
+module.provides("net", listener=listener, default_port=0)
+"""
+
+
+@pytest.mark.server
+def test_a_burst_of_sighups_runs_at_most_two_reloads(mpnet, write_module, tmp_path):
+    """50 SIGHUPs within about a second: the reload running, plus one queued for all the rest
+    (which arrive while the first one's generation replaces the workers), logged."""
+    flag = tmp_path / "slow"
+    path = write_module("slowboot", SLOW_BOOT_MODULE.format(flag=str(flag)))
+    server = mpnet(config([str(path)], workers=1))
+    settled(server, 1)
+    flag.touch()
+    server.signal(signal.SIGHUP)
+    server.wait_log("reload accepted: starting generation 2")
+    for _ in range(49):
+        server.signal(signal.SIGHUP)
+        time.sleep(0.02)  # spread over a second, as a signal storm would be
+    assert "reload complete" not in server.log, "the replacement ended before the test could tell"
+    flag.unlink()
+    server.wait_log("reload complete: generation 3", timeout=60)
+    settled(server, 1)
+    assert len(re.findall(r"info: reloading$", server.log, re.MULTILINE)) == 2
+    assert "generation 4" not in server.log
+    assert "reload requested while a reload replaces the workers: it follows" in server.log
+    assert re.search(
+        r"\d+ more reload request\(s\) arrived meanwhile: one reload serves", server.log
+    )
+
+
 @pytest.mark.server
 def test_reload_check_that_hangs_is_killed_after_boot_timeout(mpnet, write_module, tmp_path):
     flag = tmp_path / "slow"

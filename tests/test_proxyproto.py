@@ -162,7 +162,7 @@ def test_signature_constant_matches_spec() -> None:
         (  # IPv4-mapped, as inet_ntop writes it: the client is the IPv4 address
             b"PROXY TCP6 ::ffff:192.0.2.1 ::1 1 2\r\n",
             "TCP6",
-            ("192.0.2.1", 1),
+            ("192.0.2.1", 1),  # shown as the IPv4 address it stands for
             ("::1", 2),
         ),
         (  # the same in hex groups, and on both sides
@@ -248,6 +248,15 @@ def test_v2_ipv4_mapped_addresses_are_given_as_ipv4() -> None:
         assert result.family == family
         assert result.source == ("192.0.2.1", 56324)
         assert result.destination == ("198.51.100.7", 443)
+
+
+def test_v2_tcp6_ipv4_mapped_is_shown_as_ipv4() -> None:
+    mapped = bytes(10) + b"\xff\xff" + bytes([203, 0, 113, 7])
+    block = mapped + bytes(15) + b"\x01" + struct.pack("!HH", 4444, 80)
+    result = parse_every_split(v2(0x21, 0x21, block))
+    assert result.family == "TCP6"
+    assert result.source == ("203.0.113.7", 4444)
+    assert result.destination == ("::1", 80)  # not mapped: unchanged
 
 
 def test_v2_udp() -> None:

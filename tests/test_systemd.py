@@ -770,9 +770,9 @@ def installed_units(tmp_path: Path) -> Path:
     """Copies of both units, ExecStart pointed at an existing executable.
 
     `systemd-analyze verify` refuses an ExecStart= binary that does not exist,
-    and /usr/local/bin/mpnet usually does not in a development checkout.
+    and /opt/mpnet/bin/mpnet usually does not in a development checkout.
     """
-    original = "ExecStart=/usr/local/bin/mpnet "
+    original = "ExecStart=/opt/mpnet/bin/mpnet "
     service = (UNIT_DIR / "mpnet.service").read_text()
     assert service.count(original) == 1
     service = service.replace(original, f"ExecStart={exec_start_command()} ")
@@ -841,7 +841,7 @@ def test_service_unit_contract() -> None:
     for setting in [
         ("Type", "notify"),
         ("NotifyAccess", "main"),
-        ("ExecStart", "/usr/local/bin/mpnet serve -c /etc/mpnet/mpnet.toml"),
+        ("ExecStart", "/opt/mpnet/bin/mpnet serve -c /etc/mpnet/mpnet.toml"),
         ("ExecReload", "/bin/kill -HUP $MAINPID"),
         ("KillMode", "mixed"),
         ("KillSignal", "SIGTERM"),

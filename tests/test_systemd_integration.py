@@ -7,6 +7,7 @@ privilege drop of a master started as root.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import pwd
@@ -248,7 +249,9 @@ class ActivatedServer(Server):
         self.activator = activator
 
     def argv(self, command: str, extra: tuple[str, ...]) -> list[str]:
-        return [*self.activator, *super().argv(command, extra)]
+        # systemd-socket-activate passes on only the variables named by -E: without
+        # PYTHONPATH, the exec'ed mpnet would be whatever the interpreter has installed.
+        return [*self.activator, "-E", "PYTHONPATH", *super().argv(command, extra)]
 
     def start(self, *extra: str, command: str = "serve", wait_ready: bool = False) -> Server:
         super().start(*extra, command=command, wait_ready=False)
@@ -319,6 +322,38 @@ def test_socket_activation_with_systemd_socket_activate(tmp_path, write_module, 
 
         server.signal(signal.SIGTERM)
         assert server.wait_exit() == 0
+    finally:
+        server.stop()
+
+
+def test_socket_activation_logs_adopted_and_refuses_an_unmatched_socket(tmp_path, write_module):
+    """Two sockets passed, the config serves one: the other would sit bound and dead, its
+    clients hanging, so the master refuses to start and names it."""
+    activate = shutil.which("systemd-socket-activate")
+    if activate is None:
+        pytest.skip("systemd-socket-activate is not installed")
+    path = write_module("pid", PID_MODULE)
+    port, stray = free_port(), free_port()
+    directory = tmp_path / "activated"
+    directory.mkdir()
+    server = ActivatedServer(
+        directory,
+        config([str(path)], workers=1, pid_ports=[port]),
+        [activate, "-l", f"127.0.0.1:{port}", "-l", f"127.0.0.1:{stray}"],
+    )
+    try:
+        server.start()
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 30):
+            pass  # starts mpnet, which refuses
+        assert server.wait_exit() == 1
+        server.wait_log(
+            rf"socket activation: passed fd 3 \(127\.0\.0\.1:{port}, name '[^']*'\) serves pid"
+        )
+        server.wait_log(
+            rf"cannot start: socket activation: passed fd 4 \(127\.0\.0\.1:{stray}, name "
+            rf"'[^']*'\) matches no service endpoint \(endpoints: pid 127\.0\.0\.1:{port}\)"
+        )
+        assert "ready:" not in server.log
     finally:
         server.stop()
 

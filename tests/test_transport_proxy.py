@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import time
@@ -336,3 +337,51 @@ def test_failed_handshake_after_the_header_is_logged_with_the_client(tls_whois):
     server.wait_log(r"\[whois\] info: onconnect w0\.c\d+ 192\.0\.2\.72:7272")
     assert server.log.count("[whois] info: onconnect") == 1
     assert "Traceback" not in server.log
+
+
+class ClientFrom(Client):
+    """A Client whose connection leaves from *source* (any 127.x address is loopback)."""
+
+    def __init__(self, port: int, source: str, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(
+            ("127.0.0.1", port), timeout=timeout, source_address=(source, 0)
+        )
+        self.buffer = b""
+        self.timeout = timeout
+
+
+def test_only_trusted_proxies_may_send_a_header(whois, tmp_path):
+    server = whois(whois_proxy_trusted=["127.0.0.1/32"])
+    port = server.port("whois")
+    with haproxy(tmp_path, port, "send-proxy-v2") as front:
+        with Client(front) as via_haproxy:  # HAProxy connects from 127.0.0.1: trusted
+            assert _answer(via_haproxy)[:2] == via_haproxy.sock.getsockname()
+        for _ in range(3):  # from 127.0.0.2, with a header claiming any client: refused
+            with ClientFrom(port, "127.0.0.2") as spoofer:
+                spoofer.send(build_v1(("203.0.113.7", 1), ("127.0.0.1", 80)) + b"hi\n")
+                assert spoofer.read_to_eof() == b""
+        server.wait_log(
+            r"service whois refused 1 connection\(s\) since the last report from addresses "
+            r"outside whois_proxy_trusted \(latest: \('127\.0\.0\.2', \d+\)\)"
+        )
+        with Client(front) as after:  # the trusted path is unharmed
+            assert _answer(after)[:2] == after.sock.getsockname()
+    assert server.log.count("refused") == 1  # rate-limited: one line for the burst
+    assert server.log.count("[whois] info: onconnect") == 2  # the module saw only HAProxy's
+
+
+def test_datagram_header_is_refused_on_a_tcp_listener(whois):
+    server = whois()
+    with Client(server.port("whois")) as client:
+        client.send(build_v2(("203.0.113.7", 53), ("127.0.0.1", 53), transport="DGRAM"))
+        assert client.read_to_eof() == b""
+    server.wait_log(r"closing connection from .*: PROXY header for a datagram connection \(UDP4\)")
+    assert "[whois] info: onconnect" not in server.log
+
+
+@pytest.mark.parametrize("build", [build_v1, build_v2])
+def test_ipv4_mapped_client_is_shown_as_ipv4(whois, build):
+    server = whois()
+    with Client(server.port("whois")) as client:
+        client.send(build(("::ffff:203.0.113.7", 4444), ("::1", 80)))
+        assert _answer(client)[:2] == ("203.0.113.7", 4444)

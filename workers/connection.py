@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from mpnet import iplimit
 from mpnet.pure.metrics import DurationHistogram
 from mpnet.pure.proxyproto import ProxyHeaderParser, ProxyProtocolError
+from mpnet.pure.trusted import TrustedNetworks
 
 from .tls import ServerHandshake, handshake_failed
 
@@ -64,6 +65,7 @@ class ServiceSettings:
     max_connections_per_ip: int | None = None
     limit_message: bytes | None = None
     proxy_protocol: bool = False
+    proxy_trusted: TrustedNetworks | None = None  # peers allowed to send a PROXY header
     ssl_context: ssl.SSLContext | None = None
     direct_tls: bool = False  # the handshake starts on accept (after the PROXY header, if any)
     time_callbacks: bool = False  # metrics_callback_durations: a histogram per callback
@@ -86,6 +88,20 @@ class WorkerCounters:
         if max_unadmitted is None:
             max_unadmitted = max(16, max_connections // 2) if max_connections else 1024
         self.max_unadmitted = max_unadmitted
+
+
+def as_bytes(data: Any) -> bytes | bytearray | memoryview:
+    """What ``conn.write`` sends for *data* that is not ``bytes`` (the slow path): a str as
+    UTF-8, a bytearray or memoryview as is; anything else is the module's mistake, a TypeError
+    raised at its call (the transport would take None silently and name memoryview for 5)."""
+    if data.__class__ is str:
+        return data.encode()  # type: ignore[no-any-return]
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return data
+    raise TypeError(
+        f"conn.write() takes bytes or str, not {type(data).__name__} ({data!r:.60}); "
+        "encode it first, e.g. conn.write(str(value))"
+    )
 
 
 class Service:
@@ -133,6 +149,9 @@ class Service:
         self._refused_logged = 0
         self._refusal_reason = ""
         self._next_limit_log = 0.0
+        self.untrusted = 0  # connections refused: not from <service>_proxy_trusted
+        self._untrusted_logged = 0
+        self._next_untrusted_log = 0.0
         self.worker_label = worker_label
         proxied, tls = self.settings.proxy_protocol, self.settings.direct_tls
         # The plain class keeps the plain path free of TLS and PROXY checks.
@@ -231,6 +250,27 @@ class Service:
         self._refused_logged = self.refused
         self._next_limit_log = now + LIMIT_LOG_EVERY
 
+    def refuse_untrusted(self, peer: Any) -> None:
+        """A connection to a PROXY service from outside ``<service>_proxy_trusted`` (closed by
+        the caller): counted, and logged at most once per LIMIT_LOG_EVERY."""
+        self.untrusted += 1
+        self._untrusted_peer = peer
+        now = time.monotonic()
+        if now >= self._next_untrusted_log:
+            self._report_untrusted(now)
+
+    def _report_untrusted(self, now: float) -> None:
+        self.logger.warning(
+            "service %s refused %d connection(s) since the last report from addresses outside "
+            "%s_proxy_trusted (latest: %s)",
+            self.name,
+            self.untrusted - self._untrusted_logged,
+            self.name,
+            self._untrusted_peer,
+        )
+        self._untrusted_logged = self.untrusted
+        self._next_untrusted_log = now + LIMIT_LOG_EVERY
+
     def opened(self, conn: Connection) -> None:
         self.connections.add(conn)
         self.counters.open += 1
@@ -271,6 +311,8 @@ class Service:
                 conn._proxy_failed("no PROXY header in time")
         if self.refused != self._refused_logged and now >= self._next_limit_log:
             self._report_refusals(now)
+        if self.untrusted != self._untrusted_logged and now >= self._next_untrusted_log:
+            self._report_untrusted(now)
 
 
 class Connection(asyncio.Protocol):
@@ -550,8 +592,8 @@ class Connection(asyncio.Protocol):
         """
         if self._closed:
             return False
-        if data.__class__ is str:
-            data = data.encode()  # type: ignore[union-attr]
+        if data.__class__ is not bytes:  # bytes: one check; str: two; the rest: a call
+            data = data.encode() if data.__class__ is str else as_bytes(data)  # type: ignore[union-attr, assignment]
         self._service.sent_bytes += len(data)
         transport = self._transport
         transport.write(data)  # type: ignore[union-attr, arg-type]
@@ -761,6 +803,14 @@ class ProxiedConnection(Connection):
         self._parser: ProxyHeaderParser | None = ProxyHeaderParser()
         self._proxy_peer: tuple[str, int] | None = None
         self._accepted_at = time.monotonic()
+        trusted = self._service.settings.proxy_trusted
+        if trusted is not None:
+            peer = transport.get_extra_info("peername")
+            if not peer or peer[0] not in trusted:
+                self._closed = True
+                transport.abort()  # type: ignore[attr-defined]
+                self._service.refuse_untrusted(peer)
+                return
         self._service.waiting.add(self)
         self._await_admission()
 
@@ -775,6 +825,11 @@ class ProxiedConnection(Connection):
             self._proxy_failed(f"malformed PROXY header: {exc}")
             return
         if result is None:
+            return
+        if result.transport == "DGRAM":
+            self._proxy_failed(
+                f"PROXY header for a datagram connection ({result.family}) on a TCP listener"
+            )
             return
         self._parser = None
         self._service.waiting.discard(self)
@@ -844,7 +899,7 @@ class OutgoingConnection(Connection):
 
     def write(self, data: bytes | str) -> bool:
         if self.connecting and not self._closed:
-            self._early.append(data.encode() if isinstance(data, str) else bytes(data))
+            self._early.append(bytes(as_bytes(data)))
             return True
         return Connection.write(self, data)
 

@@ -322,9 +322,15 @@ def find_module(spec: str, config: Config) -> tuple[str, Path]:
         candidate = directory / f"{spec}.py"
         if candidate.is_file():
             return spec, candidate
-    raise ModuleError(
-        f"{config.path}: module {spec!r} not found (searched {', '.join(map(str, searched))})"
+    beside = config.base_dir / f"{spec}.py"
+    hint = (
+        f'; {beside} exists: write "./{spec}.py" in modules to load that file'
+        if beside.is_file()
+        else f'; for a file, write its path ("./{spec}.py", relative to the config), or add '
+        "its directory to module_paths"
     )
+    where = ", ".join(map(str, searched))
+    raise ModuleError(f"{config.path}: module {spec!r} not found (searched {where}){hint}")
 
 
 def _load_error(name: str, path: Path, exc: BaseException) -> ModuleError:

@@ -40,6 +40,7 @@ from mpnet.pure.messages import (
     from_wire,
     to_wire,
 )
+from mpnet.pure.trusted import TrustedNetworks, parse_networks
 
 from .channel import WorkerChannel
 from .connection import Service, ServiceSettings, WorkerCounters
@@ -393,6 +394,11 @@ def service_settings(
         max_connections_per_ip=option("max_connections_per_ip"),
         limit_message=message.encode() if message else None,
         proxy_protocol=bool(option("proxy_protocol")),
+        proxy_trusted=(
+            TrustedNetworks(parse_networks(option("proxy_trusted")))
+            if option("proxy_trusted")
+            else None
+        ),
         ssl_context=context,
         time_callbacks=bool(config["metrics_callback_durations"]),
     )

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .trusted import parse_networks
+
 DEFAULT_CONFIG = """\
 # The embedded default configuration: the seed's two examples on loopback.
 workers = "auto"
@@ -90,6 +92,17 @@ def _ports(value: Any) -> str | None:
     if items and all(type(port) is int and 0 <= port <= 65535 for port in items):
         return None
     return "a port number (0-65535) or a list of port numbers"
+
+
+def _networks(value: Any) -> str | None:
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(isinstance(item, str) for item in items):
+        return 'a list of networks, e.g. ["10.0.0.0/8", "2001:db8::/32"]'
+    try:
+        parse_networks(items)
+    except ValueError as exc:
+        return f'a list of networks, e.g. ["10.0.0.0/8"]: {exc}'
+    return None
 
 
 def _log_level(value: Any) -> str | None:
@@ -198,6 +211,7 @@ GLOBAL_KEYS: dict[str, Key] = {
 SERVICE_ONLY_KEYS: dict[str, Key] = {
     "ports": Key(_ports, None),
     "proxy_protocol": Key(_bool, False),
+    "proxy_trusted": Key(_networks, None),
 }
 
 
@@ -278,6 +292,22 @@ def _suggest(word: str, candidates: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _suggest_key(key: str) -> str:
+    """A hint for an unknown key: a near miss of a global key (``max_connection``), else of a
+    service key (``echo_port`` -> ``echo_ports``), else the closest global key."""
+    close_global = difflib.get_close_matches(key, list(GLOBAL_KEYS), n=1, cutoff=0.85)
+    if close_global:
+        return f" (did you mean {close_global[0]!r}?)"
+    parts = key.split("_")
+    suffixes = [k for k in GLOBAL_KEYS if GLOBAL_KEYS[k].per_service] + list(SERVICE_ONLY_KEYS)
+    for index in range(1, len(parts)):
+        service, suffix = "_".join(parts[:index]), "_".join(parts[index:])
+        close = difflib.get_close_matches(suffix, suffixes, n=1, cutoff=0.8)
+        if close:
+            return f" (did you mean '{service}_{close[0]}'?)"
+    return _suggest(key, list(GLOBAL_KEYS))
+
+
 def _split_service_key(key: str) -> tuple[str, str] | None:
     """Split ``echo_read_timeout`` into ("echo", "read_timeout"), trying the longest suffix."""
     parts = key.split("_")
@@ -316,7 +346,7 @@ def parse_config(text: str, path: str, base_dir: Path) -> Config:
         if isinstance(value, dict):
             module_tables[key] = value
             continue
-        hint = _suggest(key, list(GLOBAL_KEYS))
+        hint = _suggest_key(key)
         raise ConfigError(
             f"{path}: unknown key {key!r}{hint}; per-service keys are <service>_<key> with <key> "
             f"one of: {', '.join(sorted(k for k in GLOBAL_KEYS if GLOBAL_KEYS[k].per_service))}"
@@ -328,10 +358,16 @@ def parse_config(text: str, path: str, base_dir: Path) -> Config:
         if isinstance(values[name], str):
             values[name] = [values[name]]
     for options in service_options.values():
-        for name in ("ports", "interfaces"):
+        for name in ("ports", "interfaces", "proxy_trusted"):
             if name in options and not isinstance(options[name], list):
                 options[name] = [options[name]]
     _check_stall_timeout(values, "stall_timeout" in raw, path)
+    for service, options in service_options.items():
+        if "proxy_trusted" in options and not options.get("proxy_protocol"):
+            raise ConfigError(
+                f"{path}: key '{service}_proxy_trusted': only means something with "
+                f"{service}_proxy_protocol = true; set that too, or remove this key"
+            )
     if not values["modules"]:
         raise ConfigError(f"{path}: key 'modules': no modules to load; list at least one")
     soft, hard = values["max_worker_memory"], values["max_worker_memory_hard"]

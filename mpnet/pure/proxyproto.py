@@ -408,10 +408,9 @@ def _v1_ipv6(text: bytes, which: str) -> str:
     if not text or not _V1_IPV6_CHARS.issuperset(text):
         raise ProxyProtocolError(f"v1: bad TCP6 {which} address {text!r}")
     try:
-        address = ipaddress.IPv6Address(text.decode("ascii"))
+        return _ipv6_text(ipaddress.IPv6Address(text.decode("ascii")))
     except ValueError:
         raise ProxyProtocolError(f"v1: bad TCP6 {which} address {text!r}") from None
-    return _ipv6_text(address)
 
 
 def _ipv6_text(address: ipaddress.IPv6Address) -> str:

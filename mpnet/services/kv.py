@@ -66,6 +66,7 @@ from mpnet.pure.resp import (
     encode_error,
     encode_integer,
 )
+from mpnet.pure.scan import CursorError, Scanner
 
 TABLE: str = module.get_option_string("table", "kv") or "kv"
 MAX_VALUE_SIZE = module.get_option_number("max_value_size", 32 * 1024 * 1024, min=1)
@@ -604,6 +605,49 @@ def cmd_keys(session: Session, args: list[bytes]) -> Reply:
     return session.array(found)  # type: ignore[arg-type]  # list is invariant; bytes only
 
 
+scanner = Scanner()
+
+
+def cmd_scan(session: Session, args: list[bytes]) -> Reply:
+    """``SCAN cursor [MATCH pattern] [COUNT n] [TYPE t]`` over this worker's replica: a full
+    iteration returns every key present for its whole duration at least once
+    (:mod:`mpnet.pure.scan`); COUNT is how many keys are looked at, as in Redis."""
+    match, count, kind = None, 10, None
+    i = 2
+    while i < len(args):
+        option = args[i].upper()
+        if i + 1 >= len(args):
+            return E_SYNTAX
+        value = args[i + 1]
+        if option == b"MATCH":
+            match = None if value == b"*" else glob_regex(value).fullmatch
+        elif option == b"COUNT":
+            count = parse_int(value)  # type: ignore[assignment]
+            if count is None:
+                return E_NOT_INT
+            if count < 1:
+                return E_SYNTAX
+        elif option == b"TYPE":
+            kind = value.lower()
+        else:
+            return E_SYNTAX
+        i += 2
+    now = now_ms()
+    try:
+        cursor, keys = scanner.scan(args[1], count, data.keys, now)
+    except CursorError:
+        return encode_error("ERR invalid cursor")
+    found: list[bytes | None] = []
+    if kind in (None, b"string"):
+        for key in keys:
+            entry = data.get(key)
+            if entry is None or (entry.__class__ is list and entry[1] <= now):
+                continue
+            if match is None or match(key):
+                found.append(key)
+    return b"*2\r\n" + encode_bulk(b"%d" % cursor) + session.array(found)
+
+
 def cmd_dbsize(session: Session, args: list[bytes]) -> Reply:
     now = now_ms()
     expired = sum(1 for entry in data.values() if entry.__class__ is list and entry[1] <= now)
@@ -712,6 +756,9 @@ def cmd_hello(session: Session, args: list[bytes]) -> Reply:
         while i < len(args):
             option = args[i].upper()
             if option == b"SETNAME" and i + 1 < len(args):
+                refused = bad_client_name(args[i + 1])
+                if refused is not None:
+                    return refused
                 session.name = args[i + 1]
                 i += 2
             elif option == b"AUTH":
@@ -734,9 +781,29 @@ def cmd_hello(session: Session, args: list[bytes]) -> Reply:
     )
 
 
+MAX_CLIENT_NAME = 512
+E_CLIENT_NAME = encode_error(
+    "ERR Client names cannot contain spaces, newlines or special characters."
+)
+E_CLIENT_NAME_LONG = encode_error(f"ERR Client names are limited to {MAX_CLIENT_NAME} bytes.")
+
+
+def bad_client_name(name: bytes) -> bytes | None:
+    """Redis's rule (printable ASCII without spaces, ``!`` to ``~``) plus a length cap; the
+    error to answer, or None for a valid name."""
+    if len(name) > MAX_CLIENT_NAME:
+        return E_CLIENT_NAME_LONG
+    if any(byte < 0x21 or byte > 0x7E for byte in name):
+        return E_CLIENT_NAME
+    return None
+
+
 def cmd_client(session: Session, args: list[bytes]) -> Reply:
     sub = args[1].upper()
     if sub == b"SETNAME" and len(args) == 3:
+        refused = bad_client_name(args[2])
+        if refused is not None:
+            return refused
         session.name = args[2] or None
         return OK
     if sub == b"GETNAME" and len(args) == 2:
@@ -829,6 +896,7 @@ def _table() -> dict[bytes, Command]:
         ("incrby", cmd_incrby, 3, True),
         ("decrby", cmd_decrby, 3, True),
         ("keys", cmd_keys, 2, False),
+        ("scan", cmd_scan, -2, False),
         ("dbsize", cmd_dbsize, 1, False),
         ("flushdb", cmd_flushdb, -1, True),
         ("flushall", cmd_flushdb, -1, True),
