@@ -1,0 +1,227 @@
+"""mpnet.testing: modules run in-process on the worker's own code, no sockets, virtual time."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from mpnet.testing import ModuleFailed, load
+from mpnet.workers.provider import ModuleError
+
+TRACE = """\
+import asyncio
+
+class listener:
+    def onconnect(conn):
+        conn.write(f"hello {conn.ip()}:{conn.port()} on {conn.serverport()}\\n")
+
+    def onincoming(conn, data):
+        command = data.strip()
+        if command == b"slow":
+            return reply_later(conn, 5, b"slow done\\n")
+        if command == b"pause":
+            conn.pause()
+            asyncio.get_running_loop().call_later(3, resume, conn)
+            conn.write("paused\\n")
+        elif command == b"bye":
+            conn.write("bye\\n")
+            conn.close("said bye")
+            conn.close("twice")
+        elif command == b"boom":
+            raise ValueError("boom")
+        else:
+            conn.write(b"got " + command + b"\\n")
+
+    def ondisconnect(conn, err):
+        disconnects.append((conn.id, err))
+
+
+def resume(conn):
+    conn.write("resumed\\n")
+    conn.resume()
+
+
+async def reply_later(conn, delay, text):
+    await asyncio.sleep(delay)
+    conn.write(text)
+
+
+disconnects = []
+module.provides("net", listener=listener, default_port=7100)
+"""
+
+
+@pytest.fixture
+def trace(tmp_path: Path) -> Path:
+    path = tmp_path / "trace.py"
+    path.write_text(TRACE)
+    return path
+
+
+def test_the_seed_lastsaid_module_by_name_and_by_path():
+    import mpnet.services
+
+    by_path = Path(next(iter(mpnet.services.__path__))) / "lastsaid.py"
+    for spec in ("lastsaid", by_path):
+        with load(spec) as svc:
+            c = svc.connect()
+            assert c.received() == b"Hello!\n"
+            c.send(b"one\n")
+            assert c.received() == b"Ok.\n"
+            c.send(b"two\n")
+            assert c.received() == b"But last time you said one\n\n"
+            assert len(svc.module_globals("lastsaid")["sessions"]) == 1
+            c.close()
+            assert c.closed and c.close_reason is None
+            assert svc.module_globals("lastsaid")["sessions"] == {}
+
+
+def test_address_and_a_close_from_inside_a_callback_reach_ondisconnect_once(trace):
+    with load(trace) as svc:
+        c = svc.connect(ip="10.1.2.3", port=4444)
+        assert c.received() == b"hello 10.1.2.3:4444 on 7100\n"
+        c.send(b"bye\n")
+        assert c.received() == b"bye\n"
+        assert c.closed and c.close_reason == "said bye"
+        with pytest.raises(ConnectionError, match="said bye"):
+            c.send(b"more\n")
+        c.close()
+        assert svc.module_globals("trace")["disconnects"] == [(c.conn.id, "said bye")]
+
+
+def test_async_callbacks_keep_order_and_wait_for_the_clock(trace):
+    with load(trace) as svc:
+        c = svc.connect()
+        c.received()
+        c.send(b"slow\n")
+        c.send(b"after\n")  # waits for the slow one, as on a real connection
+        assert c.paused and c.received() == b""
+        svc.advance(4.9)
+        assert c.received() == b""
+        svc.advance(0.1)
+        assert c.received() == b"slow done\ngot after\n"
+        assert not c.paused
+
+
+def test_pause_holds_data_until_resume_and_close_waits_behind_it(trace):
+    with load(trace) as svc:
+        c = svc.connect()
+        c.received()
+        c.send(b"pause\n")
+        c.send(b"queued\n")
+        c.close()
+        assert c.received() == b"paused\n" and not c.closed
+        svc.advance(3)
+        assert c.received() == b"resumed\ngot queued\n"
+        assert c.closed and c.close_reason is None
+        assert len(svc.module_globals("trace")["disconnects"]) == 1
+
+
+def test_a_failing_callback_fails_the_call_in_strict_mode_and_only_logs_otherwise(trace, caplog):
+    with load(trace) as svc:
+        c = svc.connect()
+        with pytest.raises(ModuleFailed, match="ValueError: boom"):
+            c.send(b"boom\n")
+        c.send(b"still\n")  # the connection lives on, as in a worker
+        assert c.received().endswith(b"got still\n")
+    with load(trace, strict=False) as svc, caplog.at_level(logging.ERROR):
+        c = svc.connect()
+        c.send(b"boom\n")
+        assert len(svc.errors) == 1 and "onincoming failed" in caplog.text
+
+
+def test_stop_disconnects_like_a_stopping_worker(trace):
+    svc = load(trace)
+    c = svc.connect()
+    svc.stop()
+    assert svc.module_globals("trace")["disconnects"] == [(c.conn.id, "server shutting down")]
+    with pytest.raises(RuntimeError, match="stopped"):
+        svc.connect()
+
+
+def test_read_timeout_runs_on_the_virtual_clock():
+    with load("echo", config={"echo_read_timeout": 30}) as svc:
+        c = svc.connect()
+        svc.advance(20)
+        c.send(b"x")
+        svc.advance(29)
+        assert not c.closed
+        svc.advance(2)
+        assert c.closed and c.close_reason == "read timeout"
+
+
+def test_options_reach_get_option(tmp_path):
+    path = tmp_path / "greeter.py"
+    path.write_text(
+        "class l:\n"
+        "    def onconnect(conn):\n"
+        "        conn.write(module.get_option('greeting', 'hi') + '\\n')\n"
+        "module.provides('net', listener=l, default_port=0)\n"
+    )
+    with load(path, options={"greeting": "howdy"}) as svc:
+        assert svc.connect().received() == b"howdy\n"
+    with load(path) as svc:
+        assert svc.connect().received() == b"hi\n"
+
+
+COUNTER = """\
+hits = module.shared("hits")
+seen = []
+
+class listener:
+    async def onincoming(conn, data):
+        hits["last"] = data.decode()
+        n = await hits.incr("count")
+        conn.write(f"{n} {hits['last']}\\n")
+        module.broadcast("hit", n)
+
+module.hook("hit", seen.append)
+module.provides("net", listener=listener, default_port=0)
+"""
+
+WATCHER = """\
+heard = []
+
+async def on_hit(n):
+    heard.append(n)
+
+module.hook("hit", on_hit)
+module.hook("news", heard.append)
+module.provides("net", name="watch", listener={"onconnect": lambda conn: None}, default_port=0)
+"""
+
+
+def test_shared_tables_atomics_hooks_and_broadcasts_across_modules_and_workers(tmp_path):
+    (tmp_path / "counter.py").write_text(COUNTER)
+    (tmp_path / "watcher.py").write_text(WATCHER)
+    files = (tmp_path / "counter.py", tmp_path / "watcher.py")
+    with load(*files, workers=2, shared={"hits": {"count": 10}}) as svc:
+        assert sorted(svc.services) == ["counter", "watch"]
+        a = svc.connect("counter", worker=0)
+        b = svc.connect("counter", worker=1)
+        a.send(b"x")
+        b.send(b"y")
+        a.send(b"z")
+        assert a.received() == b"11 x\n13 z\n"
+        assert b.received() == b"12 y\n"
+        assert svc.shared("hits") == {"count": 13, "last": "z"}
+        for worker in (0, 1):
+            assert svc.module_globals("counter", worker)["seen"] == [11, 12, 13]
+            assert svc.module_globals("watcher", worker)["heard"] == [11, 12, 13]
+        svc.broadcast("news", {"text": "hello"})
+        assert svc.module_globals("watcher", 1)["heard"][-1] == {"text": "hello"}
+
+
+def test_bad_modules_and_calls_get_clear_errors(tmp_path):
+    broken = tmp_path / "broken.py"
+    broken.write_text("class l:\n    def onconnect(conn)\n")
+    with pytest.raises(ModuleError, match="broken"):
+        load(broken)
+    with pytest.raises(ModuleError, match="not found"):
+        load(tmp_path / "missing.py")
+    with pytest.raises(TypeError, match="options= is for one module"):
+        load("echo", "lastsaid", options={"a": 1})
+    with load("echo", "lastsaid") as svc, pytest.raises(TypeError, match="echo, lastsaid"):
+        svc.connect()
