@@ -47,6 +47,7 @@ from typing import Any
 from mpnet.fdlimit import default_max_connections
 from mpnet.pure.config import Config, parse_config
 from mpnet.pure.frames import FrameDecoder, encode
+from mpnet.pure.tomlvalue import toml_value
 from mpnet.shared import SharedMaster
 from mpnet.workers.connection import Connection, Service, WorkerCounters
 from mpnet.workers.module import LoadedModules, find_module, load_modules
@@ -92,11 +93,11 @@ def load(
             raise TypeError(
                 "options= is for one module; with several, give each its table in config="
             )
-        probe = parse_config(f"modules = {_toml(specs)}\n", "<mpnet.testing>", Path.cwd())
+        probe = parse_config(f"modules = {toml_value(specs)}\n", "<mpnet.testing>", Path.cwd())
         keys[find_module(specs[0], probe)[0]] = dict(options)
     keys.pop("modules", None)
-    text = f"modules = {_toml(specs)}\n" + "".join(
-        f"{key} = {_toml(value)}\n" for key, value in keys.items()
+    text = f"modules = {toml_value(specs)}\n" + "".join(
+        f"{key} = {toml_value(value)}\n" for key, value in keys.items()
     )
     parsed = parse_config(text, "<mpnet.testing config>", Path.cwd())
     return LocalServer(parsed, workers, copy.deepcopy(shared or {}), strict)
@@ -565,17 +566,3 @@ class _ErrorRecorder(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if record.exc_info:
             self._sink.append(self.format(record))
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml(item) for item in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_toml(str(k))} = {_toml(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    raise TypeError(f"config value {value!r} is not a TOML value")
