@@ -35,9 +35,7 @@ def replace(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def test_module_and_config_changes_reload_and_a_syntax_error_keeps_the_old_code(
-    mpnet, tmp_path
-):
+def test_module_and_config_changes_reload_and_a_syntax_error_keeps_the_old_code(mpnet, tmp_path):
     module = tmp_path / "greeter.py"
     module.write_text(greeter("v1"))
     server = mpnet(config([str(module)], workers=2), "--reload")
