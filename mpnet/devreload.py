@@ -61,6 +61,14 @@ class FileWatcher:
         self.next_poll = 0.0
         self._known: dict[Path, Signature] = {}  # as of the last reload (or the start)
         self._seen: dict[Path, Signature] = {}  # as of the last poll
+        self._config: Config | None = None
+        self._files: list[Path] = []
+
+    def check(self, config: Config, now: float) -> list[Path]:
+        """:meth:`poll` the files of *config* (found again only when the config changes)."""
+        if config is not self._config:
+            self._config, self._files = config, watched_files(config)
+        return self.poll(lambda: self._files, now)
 
     def poll(self, files: Callable[[], list[Path]], now: float) -> list[Path]:
         """If a poll is due at *now*: which of *files()* changed since the last reload and have

@@ -34,7 +34,7 @@ from . import log as mpnet_log
 from .channel import MasterChannel
 from .checker import Check, CheckFailed, check_modules, start_check
 from .control import ControlServer, Deferred, default_socket_path, service_uids
-from .devreload import FileWatcher, watched_files
+from .devreload import FileWatcher
 from .handle import WorkerHandle, describe_exit
 from .health import Health
 from .iplimit import IPCountTable
@@ -243,7 +243,7 @@ class Master:
     def _watch_files(self) -> None:
         """``serve --reload``: a changed config or module file starts the SIGHUP reload."""
         assert self.watcher is not None
-        changed = self.watcher.poll(lambda: watched_files(self.config), time.monotonic())
+        changed = self.watcher.check(self.config, time.monotonic())
         if changed:
             log.info("%s changed: reloading", ", ".join(str(path) for path in changed))
             self.reload()
