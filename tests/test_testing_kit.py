@@ -225,3 +225,90 @@ def test_bad_modules_and_calls_get_clear_errors(tmp_path):
         load("echo", "lastsaid", options={"a": 1})
     with load("echo", "lastsaid") as svc, pytest.raises(TypeError, match="echo, lastsaid"):
         svc.connect()
+
+
+CONVERSATION = """\
+hits = module.shared("hits")
+trace = []
+
+
+class listener:
+    async def onconnect(conn):
+        n = await hits.incr("connects")
+        trace.append("connect")
+        conn.write(f"hello {n}\\n")
+
+    def onincoming(conn, data):
+        command = data.strip().decode()
+        trace.append("incoming " + command)
+        if command == "dump":
+            conn.write(" | ".join(trace) + "\\n")
+        elif command == "bye":
+            conn.write("bye\\n")
+            conn.close("said bye")
+            conn.close("twice")
+        else:
+            return answer(conn, command)
+
+    def ondisconnect(conn, err):
+        trace.append(f"disconnect {err}")
+
+
+async def answer(conn, command):
+    n = await hits.incr("lines")
+    conn.write(f"{n} {command}\\n")
+
+
+module.provides("net", listener=listener, default_port=0)
+"""
+
+SCRIPT = [
+    ("a", "connect", None),
+    ("a", "send", b"x\n"),
+    ("a", "send", b"y\n"),
+    ("b", "connect", None),
+    ("a", "send", b"bye\n"),
+    ("b", "send", b"dump\n"),
+]
+
+
+def test_the_kit_and_a_real_worker_tell_the_same_story(tmp_path, mpnet_server):
+    """One conversation, in-process and on a real server: every byte the clients see is equal,
+    the module's own trace (async callbacks, shared atomics, a double close) included."""
+    module = tmp_path / "conversation.py"
+    module.write_text(CONVERSATION)
+
+    in_process = []
+    with load(module) as svc:
+        clients = {}
+        for name, action, data in SCRIPT:
+            if action == "connect":
+                clients[name] = svc.connect()
+            else:
+                clients[name].send(data)
+            in_process.append(clients[name].received())
+        in_process.append(clients["a"].closed)
+
+    real = []
+    srv = mpnet_server(modules=[module], workers=1)
+    sockets = {}
+    try:
+        for name, action, data in SCRIPT:
+            if action == "connect":
+                sockets[name] = srv.connect("conversation")
+            else:
+                sockets[name].send(data)
+            if data == b"bye\n":
+                real.append(sockets[name].recv_to_eof())
+            else:
+                real.append(sockets[name].recv_until(b"\n"))
+        real.append(True)  # recv_to_eof returned: the server closed "a"
+    finally:
+        for client in sockets.values():
+            client.close()
+
+    assert in_process == real
+    assert real[-2] == (
+        b"connect | incoming x | incoming y | connect | incoming bye | disconnect said bye"
+        b" | incoming dump\n"
+    )
