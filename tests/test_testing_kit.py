@@ -312,3 +312,22 @@ def test_the_kit_and_a_real_worker_tell_the_same_story(tmp_path, mpnet_server):
         b"connect | incoming x | incoming y | connect | incoming bye | disconnect said bye"
         b" | incoming dump\n"
     )
+
+
+def test_a_kept_read_timeout_fires_again_one_read_timeout_later(tmp_path):
+    path = tmp_path / "keeper.py"
+    path.write_text(
+        "class l:\n"
+        "    def onreadtimeout(conn):\n"
+        "        conn.write('ping\\n')\n"
+        "        return True\n"
+        "module.provides('net', listener=l, default_port=0)\n"
+    )
+    with load(path, config={"read_timeout": 10}) as svc:
+        c = svc.connect()
+        svc.advance(12)
+        assert c.received() == b"ping\n"
+        svc.advance(8)
+        assert c.received() == b""
+        svc.advance(4)
+        assert c.received() == b"ping\n" and not c.closed
