@@ -12,7 +12,7 @@ sets them); :meth:`MpnetServer.port` reads the real ones from the master's statu
 control socket, which lives in the test's temporary directory. Run as root, the config gets
 ``allow_root = true`` (unless the test sets ``user``), so the same test passes in CI containers
 and on a laptop. The server and every worker it started are stopped by PID at teardown, even
-when the test fails; the server's log is then part of the failure report.
+when the test fails; the server's log is then part of the failure report (captured output).
 """
 
 from __future__ import annotations
@@ -83,13 +83,14 @@ class MpnetServer:
         return self
 
     def stop(self) -> None:
-        """SIGTERM the master; whatever it started that is left is killed, by PID."""
+        """Quick stop (SIGINT: connections closed at once, no graceful wait); whatever the
+        server started that is left is then killed, by PID."""
         if self.proc is None:
             return
         self._remember_children()
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGTERM)
+                os.kill(self.proc.pid, signal.SIGINT)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(15)
         for pid in self._pids:
@@ -273,6 +274,8 @@ def mpnet_server(
     finally:
         for server in servers:
             server.stop()
+            # Shown by pytest only when the test fails (captured output of the teardown).
+            print(f"--- log of mpnet serve in {server.directory} ---\n{server.log}")
 
 
 def _module_spec(spec: str | os.PathLike[str]) -> str:

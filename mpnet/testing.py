@@ -114,9 +114,9 @@ class LocalServer:
         self.strict = strict
         self.errors: list[str] = []  # every callback failure logged so far
         self._reported = 0
-        self._recorder = _ErrorRecorder(self.errors)
-        logging.getLogger("mpnet.module").addHandler(self._recorder)
         self.loop = _VirtualClockLoop()
+        self._recorder = _ErrorRecorder(self.errors, self.loop)
+        logging.getLogger("mpnet.module").addHandler(self._recorder)
         self.loop.set_exception_handler(self._loop_exception)
         values = {**config.values, "state_file": None}  # the test's tables are never persisted
         self._master = SharedMaster(
@@ -164,7 +164,12 @@ class LocalServer:
             raise KeyError(
                 f"no service {service!r}; the modules provide {', '.join(local.services)}"
             )
-        client = Client(self, local.services[service], ip, port or next(_client_ports))
+        client = Client(
+            self,
+            local.services[service],
+            (ip, port or next(_client_ports)),
+            ("127.0.0.1", local.server_ports[service]),
+        )
         self.settle()
         return client
 
@@ -274,12 +279,16 @@ class LocalServer:
 class Client:
     """The client end of one in-memory connection (see :meth:`LocalServer.connect`)."""
 
-    def __init__(self, server: LocalServer, service: Service, ip: str, port: int) -> None:
+    def __init__(
+        self,
+        server: LocalServer,
+        service: Service,
+        peer: tuple[str, int],
+        local: tuple[str, int],
+    ) -> None:
         self._server = server
         self.conn: Connection = service.protocol_factory()
-        self._transport = _MemoryTransport(
-            server.loop, self.conn, (ip, port), ("127.0.0.1", service.serverport)
-        )
+        self._transport = _MemoryTransport(server.loop, self.conn, peer, local)
         server.loop.call_soon(self.conn.connection_made, self._transport)
 
     def received(self) -> bytes:
@@ -306,6 +315,18 @@ class Client:
     def reset(self) -> None:
         """The connection breaks: ``ondisconnect(conn, "Connection reset by peer")``."""
         self._transport.break_off(ConnectionResetError(104, "Connection reset by peer"))
+        self._server.settle()
+
+    def stop_reading(self) -> None:
+        """The client stops reading: what the module writes queues up (``conn.buffered()``),
+        past 64 KiB the module's writes are paused, past ``max_send_buffer_size`` the
+        connection is dropped, as with a real slow peer."""
+        self._transport.peer_reading = False
+
+    def start_reading(self) -> None:
+        """The client reads again: the queue drains (then ``ondrain`` runs, if paused)."""
+        self._transport.peer_reading = True
+        self._transport.drain()
         self._server.settle()
 
     @property
@@ -348,7 +369,11 @@ class _MemoryTransport(asyncio.Transport):
         super().__init__({"peername": peer, "sockname": local})
         self._loop = loop
         self._protocol = protocol
-        self.written = bytearray()
+        self.written = bytearray()  # read by the peer, not yet taken by Client.received()
+        self.unsent = bytearray()  # queued while the peer does not read
+        self.peer_reading = True
+        self._high, self._low = 64 * 1024, 16 * 1024  # asyncio's defaults
+        self._writing_paused = False
         self._inbox: deque[bytes | None] = deque()  # None: the peer's EOF
         self._reading = True
         self._closing = False
@@ -356,8 +381,25 @@ class _MemoryTransport(asyncio.Transport):
         self.reason: str | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not self._closing:
+        if self._closing:
+            return
+        if self.peer_reading and not self.unsent:
             self.written += data
+            return
+        self.unsent += data
+        if len(self.unsent) > self._high and not self._writing_paused:
+            self._writing_paused = True
+            self._protocol.pause_writing()
+
+    def drain(self) -> None:
+        """The peer read everything queued."""
+        self.written += self.unsent
+        self.unsent.clear()
+        if self._writing_paused:
+            self._writing_paused = False
+            self._loop.call_soon(self._protocol.resume_writing)
+        if self._closing and not self.lost:
+            self._loop.call_soon(self._lose, None)
 
     def writelines(self, chunks: Any) -> None:
         for chunk in chunks:
@@ -367,13 +409,14 @@ class _MemoryTransport(asyncio.Transport):
         return False
 
     def get_write_buffer_size(self) -> int:
-        return 0  # the test reads everything at once: nothing stays queued
+        return len(self.unsent)
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
+        self._high = 64 * 1024 if high is None else high
+        self._low = self._high // 4 if low is None else low
 
     def get_write_buffer_limits(self) -> tuple[int, int]:
-        return (0, 0)
+        return (self._low, self._high)
 
     def is_closing(self) -> bool:
         return self._closing
@@ -390,20 +433,25 @@ class _MemoryTransport(asyncio.Transport):
             self._loop.call_soon(self._deliver)
 
     def close(self) -> None:
+        """Close once the queue is sent, as a real transport does."""
         if not self._closing:
             self._closing = True
-            self._loop.call_soon(self._lose, None)
+            if not self.unsent:
+                self._loop.call_soon(self._lose, None)
 
     def abort(self) -> None:
-        self.close()
+        self.unsent.clear()
+        self._closing = False
+        self.break_off(None)
 
     def feed(self, data: bytes | None) -> None:
         self._inbox.append(data)
         self._loop.call_soon(self._deliver)
 
-    def break_off(self, exc: Exception) -> None:
+    def break_off(self, exc: Exception | None) -> None:
         if not self._closing:
             self._closing = True
+            self.unsent.clear()
             self._loop.call_soon(self._lose, exc)
 
     def _deliver(self) -> None:
@@ -519,6 +567,7 @@ class _LocalWorker:
         self._handlers = self.shared.message_handlers()
         self.modules: LoadedModules | None = None
         self.services: dict[str, Service] = {}
+        self.server_ports: dict[str, int] = {}
         self.namespaces: dict[str, dict[str, Any]] = {}
 
     async def boot(self) -> None:
@@ -529,7 +578,7 @@ class _LocalWorker:
             settings = service_settings(config, provider.name)
             service = Service(provider, self.label, settings, counters)
             ports = config.service_option(provider.name, "ports") or provider.default_ports
-            service.serverport = ports[0] if ports else 0  # type: ignore[attr-defined]
+            self.server_ports[provider.name] = ports[0] if ports else 0
             self.services[provider.name] = service
         for module in self.modules.modules:
             namespace = sys.modules.get(f"mpnet.services.{module.name}")
@@ -556,13 +605,18 @@ class _LocalWorker:
 
 class _ErrorRecorder(logging.Handler):
     """Keeps every error a module's logger reports with a traceback (a failed callback, hook
-    or task), for strict mode."""
+    or task) while *loop* runs: this server's modules, not those of another one alive."""
 
-    def __init__(self, sink: list[str]) -> None:
+    def __init__(self, sink: list[str], loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(logging.ERROR)
         self._sink = sink
+        self._loop = loop
         self.setFormatter(logging.Formatter("%(name)s: %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.exc_info:
+        try:
+            ours = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            ours = False
+        if record.exc_info and ours:
             self._sink.append(self.format(record))

@@ -331,3 +331,28 @@ def test_a_kept_read_timeout_fires_again_one_read_timeout_later(tmp_path):
         assert c.received() == b""
         svc.advance(4)
         assert c.received() == b"ping\n" and not c.closed
+
+
+def test_a_slow_reader_fills_the_queue_then_ondrain_runs(tmp_path):
+    path = tmp_path / "firehose.py"
+    path.write_text(
+        "class l:\n"
+        "    def onincoming(conn, data):\n"
+        "        while conn.buffered() <= 100_000:\n"
+        "            conn.write(b'x' * 10_000)\n"
+        "        conn.write(f'queued {conn.buffered()}\\n')\n"
+        "    def ondrain(conn):\n"
+        "        conn.write(f'drained {conn.buffered()}\\n')\n"
+        "        conn.close('done')\n"
+        "module.provides('net', listener=l, default_port=0)\n"
+    )
+    with load(path) as svc:
+        c = svc.connect()
+        c.stop_reading()
+        c.send(b"go")
+        assert c.received() == b"" and c.conn.buffered() == 110_000 + len(b"queued 110000\n")
+        assert not c.closed  # close() waits for the queue, as on a socket
+        c.start_reading()
+        data = c.received()
+        assert data == b"x" * 110_000 + b"queued 110000\ndrained 0\n"
+        assert c.closed and c.close_reason == "done"
