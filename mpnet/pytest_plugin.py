@@ -34,6 +34,7 @@ import psutil
 import pytest
 
 from .controlclient import ControlError, request
+from .pure.controlproto import ControlReply, ReloadRequest, StatusRequest
 from .pure.tomlvalue import toml_value
 
 START_TIMEOUT = 60.0  # generous: CI machines are busy
@@ -101,9 +102,9 @@ class MpnetServer:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
 
-    def reload(self) -> dict[str, Any]:
-        """``mpnet reload``: answered once the new modules are checked."""
-        return request(self.control_path, {"command": "reload"})
+    def reload(self) -> ControlReply:
+        """``mpnet reload``: answered once the new modules are checked (``.ok``, ``.error``)."""
+        return request(self.control_path, ReloadRequest())
 
     # -- what a test reads ----------------------------------------------------------------------
 
@@ -121,7 +122,9 @@ class MpnetServer:
 
     def status(self) -> dict[str, Any]:
         """The master's status (``mpnet status --json``), through the control socket."""
-        return request(self.control_path, {"command": "status"})["status"]
+        status = request(self.control_path, StatusRequest()).status
+        assert status is not None
+        return status
 
     def port(self, service: str) -> int:
         """The port *service* listens on (the first, if several)."""

@@ -47,12 +47,14 @@ from typing import Any
 from mpnet.fdlimit import default_max_connections
 from mpnet.pure.config import Config, parse_config
 from mpnet.pure.frames import FrameDecoder, encode
+from mpnet.pure.messages import Broadcast, Message, from_wire, to_wire
 from mpnet.pure.tomlvalue import toml_value
 from mpnet.shared import SharedMaster
 from mpnet.workers.connection import Connection, Service, WorkerCounters
+from mpnet.workers.lifecycle import run_ready_hooks, run_unload_hooks
 from mpnet.workers.module import LoadedModules, find_module, load_modules
 from mpnet.workers.shared import SharedState
-from mpnet.workers.worker import SWEEP_INTERVAL, service_settings
+from mpnet.workers.worker import SHUTDOWN_REASON, SWEEP_INTERVAL, service_settings
 
 __all__ = ["Client", "LocalServer", "ModuleFailed", "load"]
 
@@ -200,7 +202,7 @@ class LocalServer:
     def broadcast(self, topic: str, payload: Any = None) -> None:
         """A broadcast as if another worker's module had sent it: every worker's hooks run."""
         self._check_running()
-        self._master.handle(_OUTSIDE, ["bc", topic, payload], self._channels())
+        self._master.handle(_OUTSIDE, Broadcast(topic, payload), self._channels())
         self._master.flush()
         self.settle()
 
@@ -214,17 +216,25 @@ class LocalServer:
         return self.workers[worker].namespaces[module]
 
     def stop(self) -> None:
-        """Close every open connection as a worker stopping does (``ondisconnect(conn,
-        "server shutting down")``), cancel the modules' tasks, close the loop."""
+        """Stop as a worker does: ``on_unload`` hooks (connections still open; async ones get
+        up to ``graceful_timeout`` of the test's clock), timers stopped, then every open
+        connection closed (``ondisconnect(conn, "server shutting down")``), the modules' tasks
+        cancelled, the loop closed."""
         if self._stopped:
             return
         self._stopped = True
         try:
             if not self.loop.is_closed():
+                timeout = float(self.config["graceful_timeout"])
+                for worker in self.workers:
+                    if worker.modules is not None:
+                        hooks = worker.modules.unload_hooks()
+                        self._run_until_done(run_unload_hooks(hooks, timeout), timeout)
+                        worker.modules.stop_timers()
                 for worker in self.workers:
                     for service in worker.services.values():
                         for conn in list(service.connections):
-                            self.loop.call_soon(conn.close, "server shutting down")
+                            self.loop.call_soon(conn.close, SHUTDOWN_REASON)
                 self.loop.run_until_idle()
                 self.loop.cancel_tasks()
         finally:
@@ -239,6 +249,11 @@ class LocalServer:
         self.stop()
 
     # -- plumbing -------------------------------------------------------------------------------
+
+    def _settle_unless_stopped(self) -> None:
+        """Before reading a result: settle, unless stopped (what was written stays readable)."""
+        if not self._stopped:
+            self.settle()
 
     def _check_running(self) -> None:
         if self._stopped:
@@ -261,6 +276,19 @@ class LocalServer:
         if exception is not None:
             self.errors.append(f"{context.get('message', '')}: {exception!r}")
 
+    def _run_until_done(self, coroutine: Any, limit: float) -> None:
+        """Run *coroutine* to its end, moving the clock from timer to timer (*limit* seconds
+        at most: past that the coroutine must have timed out by itself)."""
+        task = self.loop.create_task(coroutine)
+        deadline = self.loop.now + limit
+        self.loop.run_until_idle()
+        while not task.done():
+            due = self.loop.next_timer()
+            if due is None or due > deadline + 1:
+                break
+            self.loop.now = max(self.loop.now, due)
+            self.loop.run_until_idle()
+
     def _raise_new_errors(self) -> None:
         new = self.errors[self._reported :]
         self._reported = len(self.errors)
@@ -271,8 +299,8 @@ class LocalServer:
         return [(worker.handle, worker.handle.channel) for worker in self.workers]
 
     def _to_master(self, worker: _LocalWorker, frame: bytes) -> None:
-        for message in worker.master_decoder.feed(frame):
-            self._master.handle(worker.handle, message, self._channels())
+        for raw in worker.master_decoder.feed(frame):
+            self._master.handle(worker.handle, from_wire(raw), self._channels())
         self._master.flush()
 
 
@@ -293,7 +321,7 @@ class Client:
 
     def received(self) -> bytes:
         """Everything the module wrote to this connection since the last call."""
-        self._server.settle()
+        self._server._settle_unless_stopped()
         data = bytes(self._transport.written)
         self._transport.written.clear()
         return data
@@ -332,13 +360,13 @@ class Client:
     @property
     def closed(self) -> bool:
         """Whether the connection is closed (by either side) and ``ondisconnect`` has run."""
-        self._server.settle()
+        self._server._settle_unless_stopped()
         return self._transport.lost
 
     @property
     def close_reason(self) -> str | None:
         """The ``err`` the module's ``ondisconnect`` got (None for a clean close)."""
-        self._server.settle()
+        self._server._settle_unless_stopped()
         return self._transport.reason
 
     @property
@@ -564,7 +592,6 @@ class _LocalWorker:
         self.handle = _Handle(origin, _LocalChannel(server.loop, self))
         self.master_decoder = FrameDecoder()
         self._decoder = FrameDecoder()
-        self._handlers = self.shared.message_handlers()
         self.modules: LoadedModules | None = None
         self.services: dict[str, Service] = {}
         self.server_ports: dict[str, int] = {}
@@ -585,6 +612,7 @@ class _LocalWorker:
             if namespace is not None:
                 self.namespaces[module.name] = namespace.__dict__
         self._sweeper = asyncio.ensure_future(self._sweep())
+        self._ready_tasks = run_ready_hooks(self.modules.ready_hooks())
 
     async def _sweep(self) -> None:
         """The worker's once-a-second sweep (read_timeout, send_timeout), on the test's clock."""
@@ -594,13 +622,13 @@ class _LocalWorker:
             for service in self.services.values():
                 service.sweep(loop.time())
 
-    def _send(self, message: Any) -> None:
-        frame = encode(message)  # raises here, at the module's call, as in a worker
+    def _send(self, message: Message) -> None:
+        frame = encode(to_wire(message))  # raises here, at the module's call, as in a worker
         self.server.loop.call_soon(self.server._to_master, self, frame)
 
     def from_master(self, frame: bytes) -> None:
-        for message in self._decoder.feed(frame):
-            self._handlers[message[0]](message)
+        for raw in self._decoder.feed(frame):
+            self.shared.receive(from_wire(raw))
 
 
 class _ErrorRecorder(logging.Handler):

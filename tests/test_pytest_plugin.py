@@ -47,7 +47,7 @@ def test_a_module_file_with_its_options_and_a_reload(mpnet_server, tmp_path):
     with srv.connect("greeter") as client:
         assert client.recv_until() == b"howdy\n"
     module.write_text(module.read_text().replace("+ '\\n'", "+ ' v2\\n'"))
-    assert srv.reload()["ok"]
+    assert srv.reload().ok
     srv.wait_log(r"reload complete", what="the reload to complete")
     with srv.connect("greeter") as client:
         assert client.recv_until() == b"howdy v2\n"

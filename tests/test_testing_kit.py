@@ -356,3 +356,71 @@ def test_a_slow_reader_fills_the_queue_then_ondrain_runs(tmp_path):
         data = c.received()
         assert data == b"x" * 110_000 + b"queued 110000\ndrained 0\n"
         assert c.closed and c.close_reason == "done"
+
+
+LIFECYCLE = """\
+events = []
+connections = set()
+
+
+def tick():
+    events.append("tick")
+    return 5 if events.count("tick") < 3 else None  # repeats twice, then stops
+
+
+async def ready():
+    events.append("ready")
+
+
+def unload():
+    for conn in connections:
+        conn.write("goodbye\\n")
+    events.append("unload")
+
+
+class listener:
+    def onconnect(conn):
+        connections.add(conn)
+
+    def ondisconnect(conn, err):
+        connections.discard(conn)
+        events.append(f"disconnect {err}")
+
+
+module.add_timer(5, tick)
+module.on_ready(ready)
+module.on_unload(unload)
+module.provides("net", listener=listener, default_port=0)
+"""
+
+
+def test_timers_ready_and_unload_hooks_run_as_in_a_worker(tmp_path):
+    path = tmp_path / "life.py"
+    path.write_text(LIFECYCLE)
+    svc = load(path)
+    events = svc.module_globals("life")["events"]
+    assert events == ["ready"]
+    c = svc.connect()
+    svc.advance(4.9)
+    assert events == ["ready"]
+    svc.advance(0.1)
+    assert events == ["ready", "tick"]
+    svc.advance(60)
+    assert events == ["ready", "tick", "tick", "tick"]
+    svc.stop()
+    assert events[4:] == ["unload", "disconnect server shutting down"]
+    assert c.received() == b"goodbye\n" and c.closed
+
+
+def test_the_bundled_chat_room_across_two_workers():
+    with load("chat", workers=2) as svc:
+        a, b = svc.connect(worker=0), svc.connect(worker=1)
+        assert a.received().startswith(b"* welcome, you are guest1")
+        b.received()
+        a.send(b"/nick alice\nhello\n")
+        assert b.received() == b"* guest1 is now known as alice\n<alice> hello\n"
+        b.send(b"/nick Alice\n")  # nicks are unique across workers, case-insensitively
+        assert b.received() == b"! nick Alice is already taken; choose another with /nick NAME\n"
+        a.close()
+        assert b.received() == b"* alice left\n"
+        assert "alice" not in svc.shared("chat_nicks")
