@@ -16,9 +16,11 @@ worker's own :class:`~mpnet.workers.connection.Connection` (so callback order, `
 exactly once, async callbacks, ``pause``/``resume``, limits and timeouts are the worker's), and
 shared tables are the worker's replicas talking, through msgpack frames, to the master's own
 :class:`~mpnet.shared.SharedMaster` held in-process. Only the edges are replaced: a transport in
-memory instead of a socket, and an event loop whose clock moves only when the test says so
-(:meth:`LocalServer.advance`), so timers, ``asyncio.sleep`` and ``read_timeout`` are tested
-without waiting.
+memory instead of a socket (a client can also stop reading, to test backpressure and
+``ondrain``), and an event loop whose clock moves only when the test says so
+(:meth:`LocalServer.advance`), so ``module.add_timer``, ``asyncio.sleep`` and ``read_timeout``
+are tested without waiting. ``on_ready`` hooks run once the modules are loaded, ``on_unload``
+hooks at :meth:`LocalServer.stop`, as in a worker (:mod:`mpnet.workers.lifecycle`).
 
 Every call (``connect``, ``send``, ``close``, ``advance``) returns once the loop is idle: all
 callbacks, tasks and shared-table messages it set off have run, except those waiting for a later
