@@ -80,6 +80,7 @@ def test_a_module_that_fails_to_load_is_reported_with_its_error(tmp_path):
         server.stop()
 
 
+@pytest.mark.timeout(600)  # pytest in a subprocess: slow on a busy machine
 def test_the_fixture_is_active_without_a_conftest(tmp_path):
     """The entry point makes the fixture available to any project's tests."""
     (tmp_path / "test_it.py").write_text(

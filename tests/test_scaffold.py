@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from harness import run_mpnet
 
 
+@pytest.mark.timeout(600)  # pytest in a subprocess: slow on a busy machine
 def test_the_generated_project_passes_its_own_tests(tmp_path):
     result = run_mpnet(tmp_path, "new", "greeter", "-d", "proj", "--port", "7321")
     assert result.returncode == 0, result.stderr
@@ -74,6 +76,7 @@ def run_pytest(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.timeout(600)  # pytest in a subprocess: slow on a busy machine
 def test_the_readme_tutorial_goes_red_then_green(tmp_path):
     files = tutorial_files()
     assert set(files) == {
