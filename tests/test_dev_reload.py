@@ -6,6 +6,7 @@ import os
 import re
 from pathlib import Path
 
+import pytest
 from harness import Client, config
 
 from mpnet.devreload import FileWatcher
@@ -35,6 +36,7 @@ def replace(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
+@pytest.mark.server
 def test_module_and_config_changes_reload_and_a_syntax_error_keeps_the_old_code(mpnet, tmp_path):
     module = tmp_path / "greeter.py"
     module.write_text(greeter("v1"))

@@ -15,6 +15,8 @@ from mpnet.pytest_plugin import MpnetServer
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import wait_for
 
+pytestmark = pytest.mark.server
+
 
 def test_two_services_on_free_ports_with_two_workers(mpnet_server):
     srv = mpnet_server(modules=["echo", "lastsaid"], workers=2, echo_read_timeout=30)

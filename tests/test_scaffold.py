@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from harness import run_mpnet
 
+pytestmark = pytest.mark.server
+
 
 @pytest.mark.timeout(600)  # pytest in a subprocess: slow on a busy machine
 def test_the_generated_project_passes_its_own_tests(tmp_path):

@@ -272,6 +272,7 @@ SCRIPT = [
 ]
 
 
+@pytest.mark.server
 def test_the_kit_and_a_real_worker_tell_the_same_story(tmp_path, mpnet_server):
     """One conversation, in-process and on a real server: every byte the clients see is equal,
     the module's own trace (async callbacks, shared atomics, a double close) included."""
