@@ -39,6 +39,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     raise_fd_limit()  # inherited by the workers
     master = Master(config, reload_config=lambda: _load(args))
+    if args.reload:
+        from .devreload import FileWatcher
+
+        master.watcher = FileWatcher()
     _attach_systemd(master)
     return master.run()
 
@@ -56,6 +60,18 @@ def _attach_systemd(master: Any) -> None:
         master.ledger.adoptable = list(systemd.listen_fds())
     except ValueError as exc:
         raise ConfigError(f"socket activation (LISTEN_FDS): {exc}") from None
+
+
+def cmd_new(args: argparse.Namespace) -> int:
+    """Write a module, its tests and a config (``mpnet new NAME``)."""
+    from pathlib import Path
+
+    from .scaffold import create_project
+
+    for path in create_project(args.name, Path(args.directory), args.port):
+        print(f"wrote {path}")
+    print(f"next: cd {args.directory} && pytest && mpnet serve --reload -c mpnet.toml")
+    return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -105,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("-c", "--config", help="TOML config file (default: the embedded config)")
     serve.add_argument("-w", "--workers", type=_workers_arg, help='worker count or "auto"')
     serve.add_argument("--log-level", choices=["debug", "info", "warn", "error"])
+    serve.add_argument(
+        "--reload",
+        action="store_true",
+        help="development: reload when the config or a module file changes",
+    )
     serve.set_defaults(func=cmd_serve)
 
     check = commands.add_parser("check", help="validate config and modules, print the port plan")
@@ -118,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not test whether the ports are free (e.g. to check the running service's config)",
     )
     check.set_defaults(func=cmd_check)
+
+    new = commands.add_parser("new", help="write NAME.py, test_NAME.py and mpnet.toml")
+    new.add_argument("name", help="the module's name (letters, digits, underscores)")
+    new.add_argument("-d", "--directory", default=".", help="where to write (default: here)")
+    new.add_argument("--port", type=int, default=7000, help="the service's port (default 7000)")
+    new.set_defaults(func=cmd_new)
 
     controlclient.add_commands(commands)
     return parser

@@ -34,6 +34,7 @@ from . import log as mpnet_log
 from .channel import MasterChannel
 from .checker import Check, CheckFailed, check_modules, start_check
 from .control import ControlServer, Deferred, default_socket_path, service_uids
+from .devreload import FileWatcher
 from .handle import WorkerHandle, describe_exit
 from .health import STALL_GRACE, Health
 from .iplimit import IPCountTable
@@ -113,6 +114,7 @@ class Master:
         self.metrics = MetricsBook()
         self.metrics_server: MetricsServer | None = None
         self.notifier: Any = None  # systemd notifier, set by the CLI when running under systemd
+        self.watcher: FileWatcher | None = None  # serve --reload: set by the CLI
         self.started_at = time.time()
         self._next_housekeeping = 0.0
         self._channels: list[tuple[WorkerHandle, MasterChannel]] | None = None
@@ -261,6 +263,8 @@ class Master:
         else:
             self.reloads.tick(running=self.state == "running")
             self._steer()
+            if self.watcher is not None and self.state == "running":
+                self._watch_files()
             self._reconcile()
             self.health.check(list(self.workers.values()), self.config, self._polled_at)
             self._systemd_tick()
@@ -286,6 +290,14 @@ class Master:
         self.steering.update(self.ledger.bindings.values(), healthy)
         self.steering.keep_drains_below(self.slots)
 
+    def _watch_files(self) -> None:
+        """``serve --reload``: a changed config or module file starts the SIGHUP reload."""
+        assert self.watcher is not None
+        changed = self.watcher.check(self.config, time.monotonic())
+        if changed:
+            log.info("%s changed: reloading", ", ".join(str(path) for path in changed))
+            self.reload()
+
     def _next_timeout(self) -> float:
         """Sleep until the next thing due: a respawn, a SIGKILL deadline, a watchdog ping."""
         timeout = 1.0
@@ -297,6 +309,8 @@ class Master:
             deadlines.append(self._next_watchdog)
         if self.reloads.deadline is not None:
             deadlines.append(self.reloads.deadline)
+        if self.watcher is not None:
+            deadlines.append(self.watcher.next_poll)
         for when in deadlines:
             timeout = min(timeout, max(0.0, when - now))
         return timeout

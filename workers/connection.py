@@ -478,8 +478,11 @@ class Connection(asyncio.Protocol):
             self._transport.resume_reading()
 
     def _read_timed_out(self) -> None:
-        """``onreadtimeout(conn)``: a true answer keeps the connection, else it is closed."""
-        self._idle_since = time.monotonic()
+        """``onreadtimeout(conn)``: a true answer keeps the connection, else it is closed.
+
+        Idle time restarts at the next sweep (``_idle_since = 0``): counted on the sweep's
+        clock alone, which is the test kit's virtual one under :mod:`mpnet.testing`."""
+        self._idle_since = 0.0
         callback = self._service.onreadtimeout
         if callback is None:
             self.close("read timeout")
@@ -494,7 +497,7 @@ class Connection(asyncio.Protocol):
 
     def _after_read_timeout(self, keep: Any) -> None:
         if keep:
-            self._idle_since = time.monotonic()
+            self._idle_since = 0.0
         else:
             self.close("read timeout")
 

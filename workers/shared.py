@@ -166,10 +166,17 @@ class SharedTable(MutableMapping[Any, Any]):
 class SharedState:
     """A worker's replicas of the shared tables, plus broadcasts and pending atomic requests."""
 
-    def __init__(self, send: Callable[[Message], None], tables: dict[str, dict[Any, Any]]) -> None:
+    def __init__(
+        self,
+        send: Callable[[Message], None],
+        tables: dict[str, dict[Any, Any]],
+        origin: int | None = None,
+    ) -> None:
+        """*origin*: how the master names this worker in sequenced writes (its pid; the
+        in-process test kit, :mod:`mpnet.testing`, gives each of its workers its own)."""
         self._channel_send = send
         self._lost: str | None = None  # why the channel to the master is gone, once it is
-        self._pid = os.getpid()
+        self._pid = os.getpid() if origin is None else origin
         self._initial = tables
         self._tables: dict[str, SharedTable] = {}
         self._requests: dict[int, asyncio.Future[Any]] = {}
