@@ -76,13 +76,18 @@ class Store:
         self._dirty = True
 
     def commit(self) -> None:
-        """With ``fsync = "always"``: make every appended write durable now. Called before the
-        master sends anything, so no worker sees a write (or an answer) that a crash could lose;
-        the writes read in one pass of the master's loop share one fsync."""
-        if self._dirty and self.fsync == "always":
+        """Called before the master sends anything (answers, barriers, fan-out): hand every
+        appended write to the OS, so that a crash of the master process never loses a write a
+        worker has seen or been told is done; with ``fsync = "always"`` also fsync it, so a
+        power loss does not either. The writes read in one pass of the master's loop share one
+        write and one fsync."""
+        if self._dirty:
             self._journal.flush()
-            os.fsync(self._journal.fileno())
-            self._dirty = False
+            if self.fsync == "always":
+                os.fsync(self._journal.fileno())
+                self._dirty = False
+            elif self.fsync == "never":
+                self._dirty = False
 
     def tick(self, tables: dict[str, dict[Any, Any]]) -> None:
         if self._dirty and self.fsync == "everysec" and time.monotonic() - self._last_sync >= 1:

@@ -20,10 +20,24 @@ import msgpack
 from .messages import ChannelError
 from .values import KEY_TYPES, MAX_DEPTH, check_plain
 
-__all__ = ["MAX_FRAME", "ChannelError", "FrameDecoder", "decode_payload", "encode"]
+__all__ = [
+    "MAX_FRAME",
+    "MAX_RELAYED_FRAME",
+    "ChannelError",
+    "FrameDecoder",
+    "decode_payload",
+    "encode",
+]
 
 MAX_FRAME = 64 * 1024 * 1024
 """Largest frame either side accepts; a bigger length prefix is a protocol error."""
+
+MAX_RELAYED_FRAME = MAX_FRAME - 16
+"""Largest frame a worker may send for a message the master relays to every worker (a write, a
+broadcast, an atomic request). The relayed form is a few bytes longer (a ``SequencedWrite``
+carries the writer's pid, up to 9 bytes, where the ``SharedWrite`` had none), so a message that
+fits here always fits the fan-out frame: a write is refused at the call, never accepted by the
+master and then undeliverable."""
 
 _LEN = struct.Struct(">I")
 _INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1  # what msgpack's int formats hold
@@ -67,19 +81,19 @@ def _normalized(value: Any, depth: int) -> Any:
     raise TypeError(f"{kind.__name__} is not plain data")  # pragma: no cover
 
 
-def encode(message: Any) -> bytes:
+def encode(message: Any, limit: int = MAX_FRAME) -> bytes:
     """Encode one message as a complete frame (length prefix included).
 
     Raises ``TypeError`` for a value that is not plain data (or nested deeper than MAX_DEPTH
-    where msgpack alone cannot take it), ChannelError for one above the frame limit.
+    where msgpack alone cannot take it), ChannelError for one above *limit* (the frame limit).
     """
     try:
         payload = _packer.pack(message)
     except (TypeError, ValueError, OverflowError):
         payload = _packer.pack(_normalized(message, 0))
     size = len(payload)
-    if size > MAX_FRAME:
-        raise ChannelError(f"message of {size} bytes exceeds the {MAX_FRAME}-byte frame limit")
+    if size > limit:
+        raise ChannelError(f"message of {size} bytes exceeds the {limit}-byte frame limit")
     return _LEN.pack(size) + payload
 
 

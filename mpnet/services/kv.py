@@ -27,6 +27,17 @@ Expiry is lazy (a read of an expired entry answers as if missing and deletes it 
 plus a sweep in every worker, ``expire_interval`` seconds apart (default 0.1), that looks at up to
 ``expire_batch`` (default 200) indexed keys per run, in a random order per worker.
 
+Acknowledgements and reads. A write (SET, MSET, FLUSHDB...) is answered once the master has
+ordered it and journaled it as ``state_fsync`` says (``await data.flush()``; the writes of one pass
+of the worker's loop share one round trip), and commands built on atomics (DEL, INCR, SET NX...)
+are answered after the master's answer, which comes on the same terms; so ``+OK`` means the write
+survives a crash of the master (and with ``state_fsync = "always"`` a power loss). A command that
+reads (GET, MGET, EXISTS, TTL, KEYS...) first waits for a read barrier (``await data.sync()``)
+requested after its request arrived, one per pass of the loop for every connection: a write
+acknowledged to any client, on any worker, is seen by every read that client or another one sends
+after the acknowledgement. When the channel to the master is lost every such command is answered
+with an error (``-ERR shared state unavailable: ...``), never ``+OK``.
+
 Pipelining: commands are answered in order. Reads of the local replica, plain SETs and replies
 that need no round trip are answered at once; round trips that depend on nothing local
 (INCR of a key without TTL, DEL) are sent back to back and awaited together; a command that
@@ -73,6 +84,32 @@ E_TOO_BIG = encode_error("ERR value too large to share between workers")
 E_INTERNAL = encode_error("ERR internal error (see the server log)")
 
 Reply = bytes | Awaitable[bytes]
+
+
+class Acked:
+    """The reply to a write, sent once *barrier* (``data.flush()`` or ``data.sync()``) has
+    resolved. Unlike other awaited replies it holds nothing back: the write is in the local
+    replica already, so later commands may run (and later writes share the barrier)."""
+
+    __slots__ = ("barrier", "reply")
+
+    def __init__(self, barrier: asyncio.Future[None], reply: bytes = b"+OK\r\n") -> None:
+        self.barrier = barrier
+        self.reply = reply
+
+    def __await__(self) -> Any:
+        yield from self.barrier
+        return self.reply
+
+
+READS = {b"GET", b"MGET", b"EXISTS", b"TYPE", b"KEYS", b"DBSIZE", b"TTL", b"PTTL", b"INFO"}
+READS |= {b"EXPIRE", b"PEXPIRE", b"PERSIST"}  # decide from the replica before their round trip
+
+
+def reads_replica(name: bytes, command: list[bytes]) -> bool:
+    """Whether *command* answers from the local replica, so it must see every write
+    acknowledged before it arrived (a plain SET reads nothing; SET NX/XX/GET does)."""
+    return name in READS or (name == b"SET" and len(command) > 3)
 
 
 def now_ms() -> int:
@@ -204,7 +241,18 @@ class Command:
 class Session:
     """One client: its parser, its protocol version and its replies in order."""
 
-    __slots__ = ("closing", "conn", "error", "held", "name", "null", "parser", "proto", "replies")
+    __slots__ = (
+        "closing",
+        "conn",
+        "error",
+        "held",
+        "name",
+        "null",
+        "parser",
+        "proto",
+        "replies",
+        "unsynced",
+    )
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
@@ -216,6 +264,7 @@ class Session:
         self.proto = 2
         self.null = b"$-1\r\n"
         self.name: bytes | None = None
+        self.unsynced = False  # requests arrived since this session's last read barrier
 
     # -- the pump ------------------------------------------------------------------------------
 
@@ -223,7 +272,7 @@ class Session:
         """Run every complete command that may run now; True if round trips must be awaited
         first (the caller then runs :meth:`drain`)."""
         replies = self.replies
-        waiting = any(reply.__class__ is not bytes for reply in replies)
+        waiting = any(reply.__class__ not in (bytes, Acked) for reply in replies)
         while not self.closing:
             command = self.held
             if command is None:
@@ -237,10 +286,21 @@ class Session:
                     break
             else:
                 self.held = None
-            spec = COMMANDS.get(command[0].upper())
+            name = command[0].upper()
+            spec = COMMANDS.get(name)
             if waiting and (spec is None or not spec.batch):
                 self.held = command
                 return True
+            if self.unsynced and spec is not None and reads_replica(name, command):
+                self.unsynced = False
+                try:
+                    barrier = data.sync()
+                except SharedError as exc:
+                    replies.append(encode_error(f"ERR {exc}"))
+                    continue
+                self.held = command
+                replies.append(Acked(barrier, b""))
+                return True  # it runs once the barrier has passed
             if spec is None:
                 reply: Reply = unknown_command(command)
             elif (spec.arity > 0 and len(command) != spec.arity) or len(command) < -spec.arity:
@@ -250,6 +310,8 @@ class Session:
                     reply = spec.handler(self, command)
                 except ChannelError:
                     reply = E_TOO_BIG
+                except SharedError as exc:  # the channel to the master is gone
+                    reply = encode_error(f"ERR {exc}")
                 except Exception:  # a bug here must not leave the client waiting
                     module.log("error", "%s failed:\n%s", spec.name, traceback.format_exc())
                     reply = E_INTERNAL
@@ -257,10 +319,12 @@ class Session:
                 replies.append(reply)  # type: ignore[arg-type]
                 continue
             replies.append(reply)
+            if reply.__class__ is Acked:
+                continue
             waiting = True
             if not spec.batch:  # type: ignore[union-attr]
                 return True  # a barrier: what follows waits for it
-        if waiting:
+        if waiting or any(reply.__class__ is Acked for reply in replies):
             return True
         self.flush()
         return False
@@ -399,7 +463,7 @@ def cmd_set(session: Session, args: list[bytes]) -> Reply:
         data[key] = value if deadline is None else [value, deadline]
         if deadline is not None:
             expires[key] = deadline
-        return OK
+        return Acked(data.flush())
     return set_slow(session, key, value, deadline, condition, keepttl, get)
 
 
@@ -440,7 +504,7 @@ def cmd_mset(session: Session, args: list[bytes]) -> Reply:
     if len(args) % 2 == 0:
         return encode_error("ERR wrong number of arguments for 'mset' command")
     data.update({args[i]: stored(args[i + 1]) for i in range(1, len(args), 2)})
-    return OK
+    return Acked(data.flush())
 
 
 def cmd_del(session: Session, args: list[bytes]) -> Reply:
@@ -544,7 +608,7 @@ def cmd_flushdb(session: Session, args: list[bytes]) -> Reply:
         return E_SYNTAX
     data.clear()
     expires.clear()
-    return OK
+    return Acked(data.flush())
 
 
 def cmd_expire(session: Session, args: list[bytes]) -> Reply:
@@ -794,6 +858,7 @@ class listener:
         if session.closing:
             return None
         session.parser.feed(chunk)
+        session.unsynced = True
         if session.pump():
             return session.drain()
         return None
