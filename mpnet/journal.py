@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import msgpack
 
-from .pure.frames import MAX_FRAME, ChannelError, decode_payload, encode
+from .pure.frames import MAX_FRAME, ChannelError, decode_payload, encode, payload_stream
 from .pure.replica import WRITE_ARITY, apply_write
 
 log = logging.getLogger("mpnet.shared")
@@ -192,11 +192,20 @@ def replay_journal(data: bytes, tables: dict[str, dict[Any, Any]], where: str) -
 
     Pure, so every case is tested with bytes alone.
     """
+    view = memoryview(data)
+    payloads: list[memoryview] = []
+    replay = _check_records(data, view, payloads, where)
+    _apply_records(payloads, tables, where)
+    return replay
+
+
+def _check_records(data: bytes, view: memoryview, payloads: list[memoryview], where: str) -> Replay:
+    """Check every record's framing and checksum, collect the payloads, decide the tail."""
     pos = count = 0
     size = len(data)
     crc32 = zlib.crc32
     header = _RECORD_HEADER.unpack_from
-    view = memoryview(data)
+    add = payloads.append
     while pos < size:
         if size - pos < _HEADER:
             return _dropped(data, pos, count, "torn")  # header cut short
@@ -233,8 +242,23 @@ def replay_journal(data: bytes, tables: dict[str, dict[Any, Any]], where: str) -
                 f"{size - end} more byte(s) after it; refusing to load a partial state "
                 f"(move the file away to start empty)"
             )
-        try:
-            name, op, args = decode_payload(payload)
+        add(payload)
+        pos = end
+        count += 1
+    return Replay(pos, count)
+
+
+def _apply_records(
+    payloads: list[memoryview], tables: dict[str, dict[Any, Any]], where: str
+) -> None:
+    """Decode the checked payloads in one stream and apply them. On any error, decode them one
+    by one to name the record (only then: it is the slow path)."""
+    stream = b"".join(payloads)
+    unpacker = payload_stream(len(stream))
+    unpacker.feed(stream)
+    applied = 0
+    try:
+        for name, op, args in unpacker:
             table = tables.get(name)
             if table is None:
                 table = tables.setdefault(name, {})
@@ -242,11 +266,21 @@ def replay_journal(data: bytes, tables: dict[str, dict[Any, Any]], where: str) -
                 table[args[0]] = args[1]
             else:
                 apply_write(table, op, args)
+            applied += 1
+        if applied == len(payloads) and unpacker.tell() == len(stream):
+            return
+    except Exception:
+        pass
+    offset = 0
+    for payload in payloads:
+        try:
+            name, op, args = decode_payload(payload)
+            apply_write({}, op, args)
+            hash(name)
         except (ChannelError, ValueError, TypeError, IndexError, KeyError) as exc:
-            raise StateFileError(f"{where}: undecodable record at byte {pos}: {exc}") from None
-        pos = end
-        count += 1
-    return Replay(pos, count)
+            raise StateFileError(f"{where}: undecodable record at byte {offset}: {exc}") from None
+        offset += _HEADER + len(payload)
+    raise StateFileError(f"{where}: undecodable records")  # pragma: no cover - found above
 
 
 def _dropped(data: bytes, pos: int, count: int, kind: str) -> Replay:

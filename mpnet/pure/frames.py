@@ -27,6 +27,7 @@ __all__ = [
     "FrameDecoder",
     "decode_payload",
     "encode",
+    "payload_stream",
 ]
 
 MAX_FRAME = 64 * 1024 * 1024
@@ -125,6 +126,20 @@ def decode_payload(payload: bytes | bytearray) -> Any:
     except Exception as exc:  # ValueError (ExtraData, StackError...), TypeError, UnicodeError
         detail = str(exc) or _SILENT_ERRORS.get(type(exc).__name__, "")
         raise ChannelError(f"malformed payload ({type(exc).__name__}: {detail})") from None
+
+
+def payload_stream(max_size: int) -> msgpack.Unpacker:
+    """An unpacker with :func:`decode_payload`'s rules, for many payloads fed back to back (the
+    journal's replay decodes them in one C loop). Its errors are msgpack's own: a caller that
+    needs :class:`ChannelError` and an offset decodes the offending payload again with
+    :func:`decode_payload`."""
+    return msgpack.Unpacker(
+        raw=False,
+        strict_map_key=False,
+        ext_hook=_ext_hook,
+        timestamp=2,
+        max_buffer_size=max(max_size, 1),
+    )
 
 
 _SILENT_ERRORS = {"FormatError": "invalid type byte", "StackError": "nested too deeply"}
