@@ -356,6 +356,54 @@ class Session:
             if not self.pump():
                 return
 
+    def wait(self) -> Awaitable[None]:
+        """What ``onincoming`` returns while replies are pending. When they are all
+        acknowledgements (:class:`Acked`: plain writes and read barriers, the common case), a
+        future resumed by callbacks when the barrier passes: no task and no coroutine per
+        request (a third or more of an acknowledged SET's cost). Otherwise :meth:`drain`."""
+        if any(r.__class__ not in (bytes, Acked) for r in self.replies):
+            return self.drain()
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._chain(done)
+        return done
+
+    def _chain(self, done: asyncio.Future[None]) -> None:
+        pending = [r.barrier for r in self.replies if r.__class__ is Acked]  # type: ignore[union-attr]
+        remaining = [len(pending)]
+
+        def passed(_: asyncio.Future[None]) -> None:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                self._resume(done)
+
+        for barrier in pending:
+            barrier.add_done_callback(passed)
+
+    def _resume(self, done: asyncio.Future[None]) -> None:
+        replies = self.replies
+        for index, reply in enumerate(replies):
+            if reply.__class__ is Acked:
+                barrier = reply.barrier  # type: ignore[union-attr]
+                error = None if barrier.cancelled() else barrier.exception()
+                if error is None and not barrier.cancelled():
+                    replies[index] = reply.reply  # type: ignore[union-attr]
+                else:
+                    replies[index] = encode_error(f"ERR {error or 'cancelled'}")
+        if done.done():
+            return
+        try:
+            more = self.pump()
+        except Exception as exc:  # pump answers handler errors itself: this is a bug
+            done.set_exception(exc)
+            return
+        if not more:
+            done.set_result(None)
+        elif any(r.__class__ not in (bytes, Acked) for r in replies):
+            task = asyncio.ensure_future(self.drain())
+            task.add_done_callback(lambda task: _settle(done, task))
+        else:
+            self._chain(done)
+
     # -- replies that depend on the protocol ---------------------------------------------------
 
     def array(self, items: list[bytes | None]) -> bytes:
@@ -375,6 +423,17 @@ class Session:
             else:
                 parts.append(encode_bulk(value))  # type: ignore[arg-type]
         return b"".join(parts)
+
+
+def _settle(done: asyncio.Future[None], task: asyncio.Future[None]) -> None:
+    if done.done():
+        return
+    if task.cancelled():
+        done.cancel()
+    elif task.exception() is not None:
+        done.set_exception(task.exception())  # type: ignore[arg-type]
+    else:
+        done.set_result(None)
 
 
 def unknown_command(command: list[bytes]) -> bytes:
@@ -860,7 +919,7 @@ class listener:
         session.parser.feed(chunk)
         session.unsynced = True
         if session.pump():
-            return session.drain()
+            return session.wait()
         return None
 
     def ondisconnect(conn, err):
