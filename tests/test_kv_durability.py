@@ -189,3 +189,30 @@ def test_a_write_near_the_frame_limit_is_refused_whole_and_kills_nobody(kv):
     finally:
         first.close()
         second.close()
+
+
+def test_commands_arriving_while_an_acknowledgement_is_pending_keep_their_order(kv):
+    # A session waiting for its write's acknowledgement keeps reading; what arrives meanwhile
+    # runs after it, in order, and sees it.
+    _, port = kv(workers=2)
+    client = RespClient(port)
+    try:
+        expected = []
+        for i in range(300):
+            key = b"o%d" % (i // 4 % 7)
+            step = i % 4
+            if step == 0:
+                client.send(command("SET", key, i))
+                expected.append(b"+OK\r\n")
+            elif step == 1:
+                client.send(command("GET", key))
+                expected.append(b"$%d\r\n%d\r\n" % (len(str(i - 1)), i - 1))
+            elif step == 2:
+                client.send(command("INCR", key))
+                expected.append(b":%d\r\n" % (i - 2 + 1))
+            else:
+                client.send(command("MSET", key, b"x", b"other", i) + command("GET", key))
+                expected += [b"+OK\r\n", b"$1\r\nx\r\n"]
+        assert [client.reply() for _ in expected] == expected
+    finally:
+        client.close()

@@ -242,6 +242,7 @@ class Session:
     """One client: its parser, its protocol version and its replies in order."""
 
     __slots__ = (
+        "busy",
         "closing",
         "conn",
         "error",
@@ -265,6 +266,7 @@ class Session:
         self.null = b"$-1\r\n"
         self.name: bytes | None = None
         self.unsynced = False  # requests arrived since this session's last read barrier
+        self.busy = False  # resuming itself (see wait): onincoming only feeds the parser
 
     # -- the pump ------------------------------------------------------------------------------
 
@@ -356,53 +358,57 @@ class Session:
             if not self.pump():
                 return
 
-    def wait(self) -> Awaitable[None]:
+    def wait(self) -> Awaitable[None] | None:
         """What ``onincoming`` returns while replies are pending. When they are all
-        acknowledgements (:class:`Acked`: plain writes and read barriers, the common case), a
-        future resumed by callbacks when the barrier passes: no task and no coroutine per
-        request (a third or more of an acknowledged SET's cost). Otherwise :meth:`drain`."""
+        acknowledgements (:class:`Acked`: plain writes and read barriers, the common case), the
+        session resumes itself by callbacks when the barrier passes and returns None: no task,
+        no coroutine, and reading is not paused and resumed per request (together half of an
+        acknowledged SET's cost). Commands arriving meanwhile wait in the parser (``busy``).
+        Otherwise the :meth:`drain` coroutine, which the connection awaits."""
         if any(r.__class__ not in (bytes, Acked) for r in self.replies):
             return self.drain()
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._chain(done)
-        return done
+        self.busy = True
+        self._chain()
+        return None
 
-    def _chain(self, done: asyncio.Future[None]) -> None:
+    def _chain(self) -> None:
         pending = [r.barrier for r in self.replies if r.__class__ is Acked]  # type: ignore[union-attr]
         remaining = [len(pending)]
 
         def passed(_: asyncio.Future[None]) -> None:
             remaining[0] -= 1
             if remaining[0] == 0:
-                self._resume(done)
+                self._resume()
 
         for barrier in pending:
             barrier.add_done_callback(passed)
 
-    def _resume(self, done: asyncio.Future[None]) -> None:
+    def _resume(self) -> None:
         replies = self.replies
         for index, reply in enumerate(replies):
             if reply.__class__ is Acked:
                 barrier = reply.barrier  # type: ignore[union-attr]
-                error = None if barrier.cancelled() else barrier.exception()
-                if error is None and not barrier.cancelled():
-                    replies[index] = reply.reply  # type: ignore[union-attr]
+                if barrier.cancelled() or barrier.exception() is not None:
+                    error = "cancelled" if barrier.cancelled() else barrier.exception()
+                    replies[index] = encode_error(f"ERR {error}")
                 else:
-                    replies[index] = encode_error(f"ERR {error or 'cancelled'}")
-        if done.done():
-            return
-        try:
-            more = self.pump()
-        except Exception as exc:  # pump answers handler errors itself: this is a bug
-            done.set_exception(exc)
-            return
-        if not more:
-            done.set_result(None)
+                    replies[index] = reply.reply  # type: ignore[union-attr]
+        if not self.pump():
+            self.busy = False
         elif any(r.__class__ not in (bytes, Acked) for r in replies):
-            task = asyncio.ensure_future(self.drain())
-            task.add_done_callback(lambda task: _settle(done, task))
+            asyncio.ensure_future(self.drain()).add_done_callback(self._drained)
         else:
-            self._chain(done)
+            self._chain()
+
+    def _drained(self, task: asyncio.Future[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            module.log("error", "kv session failed: %r", task.exception())
+        self.busy = False
+        if self.pump():  # commands that arrived after drain's last look
+            result = self.wait()
+            if result is not None:
+                asyncio.ensure_future(result).add_done_callback(self._drained)
+                self.busy = True
 
     # -- replies that depend on the protocol ---------------------------------------------------
 
@@ -423,17 +429,6 @@ class Session:
             else:
                 parts.append(encode_bulk(value))  # type: ignore[arg-type]
         return b"".join(parts)
-
-
-def _settle(done: asyncio.Future[None], task: asyncio.Future[None]) -> None:
-    if done.done():
-        return
-    if task.cancelled():
-        done.cancel()
-    elif task.exception() is not None:
-        done.set_exception(task.exception())  # type: ignore[arg-type]
-    else:
-        done.set_result(None)
 
 
 def unknown_command(command: list[bytes]) -> bytes:
@@ -918,6 +913,8 @@ class listener:
             return None
         session.parser.feed(chunk)
         session.unsynced = True
+        if session.busy:
+            return None  # the pending continuation runs these commands
         if session.pump():
             return session.wait()
         return None
