@@ -11,6 +11,7 @@ In one run, with every server started by this script on 127.0.0.1 and stopped by
 2. **incr round trips**: a bench module in the worker(s) runs N *awaited* ``incr`` calls in a
    loop (each one goes to the master and back) and reports its rate and latencies; with 1 worker,
    then with 2 workers running their loops at the same time (total rate, pooled percentiles);
+   the same with ``await table.sync()`` (the read barrier kv waits for before a read), 1 worker;
 3. **redis-server through redis-py**: N sequential ``INCR`` and ``GET`` round trips from this
    process (``redis-server --save '' --appendonly no``, a free port);
 4. **redis-benchmark** ``-t set``, ``get``, ``incr`` (``-c 50``) against the kv module (1 and
@@ -47,7 +48,7 @@ from typing import Any
 import psutil
 
 BENCH_MODULE = '''
-"""bench_shared's module: N awaited incr round trips by T tasks, timed inside the worker."""
+"""bench_shared's module: N awaited incr (or sync) round trips by T tasks, timed in the worker."""
 import asyncio, json, os, time
 
 table = module.shared("bench")
@@ -67,13 +68,14 @@ class listener:
                 continue
             count, tasks = int(words[1]), int(words[2])
             key = b"c%d" % os.getpid()
+            op = table.sync if words[0] == b"sync" else (lambda: table.incr(key))
             latencies = []
             clock = time.perf_counter_ns
 
             async def run(times):
                 for _ in range(times):
                     t0 = clock()
-                    await table.incr(key)
+                    await op()
                     latencies.append(clock() - t0)
 
             started = clock()
@@ -284,9 +286,11 @@ def local_reads(keys: int = 1000, number: int = 200_000, repeat: int = 5) -> dic
     return results
 
 
-def incr_round_trips(server: MpnetServer, count: int, tasks: int = 1) -> dict[str, float]:
-    """Each worker runs *count* awaited incrs (in *tasks* concurrent loops) at the same time as
-    the others; pooled figures."""
+def incr_round_trips(
+    server: MpnetServer, count: int, tasks: int = 1, op: str = "incr"
+) -> dict[str, float]:
+    """Each worker runs *count* awaited incrs, or syncs with ``op="sync"`` (in *tasks* concurrent
+    loops) at the same time as the others; pooled figures."""
     port = server.ports["incrbench"]
     by_pid: dict[int, Line] = {}
     deadline = time.monotonic() + 20
@@ -302,11 +306,11 @@ def incr_round_trips(server: MpnetServer, count: int, tasks: int = 1) -> dict[st
     results: list[Any] = []
 
     def run(client: Line) -> None:
-        results.append(json.loads(client.ask(f"incr {count} {tasks}")))
+        results.append(json.loads(client.ask(f"{op} {count} {tasks}")))
 
     try:
         for client in by_pid.values():  # warm-up
-            client.ask(f"incr {min(count, 2000)} {tasks}")
+            client.ask(f"{op} {min(count, 2000)} {tasks}")
         threads = [threading.Thread(target=run, args=(c,)) for c in by_pid.values()]
         for thread in threads:
             thread.start()
@@ -474,6 +478,7 @@ def run(args: argparse.Namespace) -> int:
                 "mpnet1": lambda: figures.add("incr1", incr_round_trips(mpnet1, count)),
                 "mpnet2": lambda: figures.add("incr2", incr_round_trips(mpnet2, count)),
                 "redis": lambda: figures.add("redispy", redis_py_round_trips(redis_port, count)),
+                "sync1": lambda: figures.add("sync1", incr_round_trips(mpnet1, count, 1, "sync")),
             }
             tasks = args.tasks
             if tasks > 1:
@@ -482,6 +487,9 @@ def run(args: argparse.Namespace) -> int:
                 )
                 sides["mpnet2-c"] = lambda: figures.add(
                     "incr2c", incr_round_trips(mpnet2, count, tasks)
+                )
+                sides["sync1-c"] = lambda: figures.add(
+                    "sync1c", incr_round_trips(mpnet1, count, tasks, "sync")
                 )
                 sides["redis-c"] = lambda: figures.add(
                     "redispyc", redis_py_concurrent(redis_port, count, tasks)
@@ -515,6 +523,7 @@ def report(figures: Figures, args: argparse.Namespace) -> None:
         ("shared incr, 2 workers (sum)", "incr2.rate", "incr2.p50", "incr2.p99"),
         ("redis-server INCR (redis-py)", *(f"redispy.incr_{x}" for x in ("rate", "p50", "p99"))),
         ("redis-server GET (redis-py)", *(f"redispy.get_{x}" for x in ("rate", "p50", "p99"))),
+        ("shared sync (read barrier), 1 worker", "sync1.rate", "sync1.p50", "sync1.p99"),
     )
     if args.tasks > 1:
         rows += (
@@ -522,6 +531,8 @@ def report(figures: Figures, args: argparse.Namespace) -> None:
              "incr1c.p99"),
             (f"shared incr, 2 workers, {args.tasks} tasks each", "incr2c.rate", "incr2c.p50",
              "incr2c.p99"),
+            (f"shared sync, 1 worker, {args.tasks} tasks", "sync1c.rate", "sync1c.p50",
+             "sync1c.p99"),
             (f"INCR (redis.asyncio), {args.tasks} tasks",
              *(f"redispyc.incr_{x}" for x in ("rate", "p50", "p99"))),
         )  # fmt: skip

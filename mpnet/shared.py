@@ -15,6 +15,8 @@ from .pure.frames import encode
 from .pure.messages import (
     AtomicRequest,
     AtomicResult,
+    Barrier,
+    BarrierPassed,
     Broadcast,
     BroadcastEvent,
     ChannelError,
@@ -96,8 +98,12 @@ class SharedMaster:
             if len(args) != WRITE_ARITY[op] or (op == "update" and type(args[0]) is not dict):
                 raise ChannelError(f"bad arguments for shared write {op!r}")
             check_plain(args)  # the codec decodes deeper nesting than a module may write
+            # Framed before it is applied: a write whose fan-out cannot be sent is refused
+            # whole (the worker checks with headroom, MAX_RELAYED_FRAME, so only a broken
+            # worker sends one) rather than applied, journaled, and missing from the replicas.
+            frame = _frame(SequencedWrite(handle.pid, name, op, args))
             self.operations[op] = self.operations.get(op, 0) + 1
-            self._write(handle.pid, name, op, args, channels)
+            self._write(frame, name, op, args, channels)
         elif isinstance(message, AtomicRequest):
             request, name, op, args = message
             if not args:
@@ -113,9 +119,17 @@ class SharedMaster:
             reply = _frame(AtomicResult(request, True, answer))
             if effect is None:
                 self._queue(handle.channel, reply)
-            else:
+                return True
+            try:
                 # Origin 0: the effect is not one of the requester's pending plain writes.
-                self._write(0, name, effect[0], effect[1], channels, handle, reply)
+                frame = _frame(SequencedWrite(0, name, effect[0], effect[1]))
+            except ChannelError as exc:  # refused before anything is applied
+                self._queue(handle.channel, _frame(AtomicResult(request, False, str(exc))))
+                return True
+            self._write(frame, name, effect[0], effect[1], channels, handle, reply)
+        elif isinstance(message, Barrier):
+            # Queued after every write sequenced so far, sent after the journal commit (flush).
+            self._queue(handle.channel, _frame(BarrierPassed(message.request)))
         elif isinstance(message, Broadcast):
             topic, payload = message
             check_plain(payload)
@@ -128,7 +142,7 @@ class SharedMaster:
 
     def _write(
         self,
-        origin: int,
+        frame: bytes,
         name: str,
         op: str,
         args: list[Any],
@@ -136,14 +150,14 @@ class SharedMaster:
         requester: Any = None,
         reply: bytes = b"",
     ) -> None:
-        """Sequence one write: apply, journal, then queue it for every worker. *reply* (an
-        atomic's answer) is queued for *requester* right after the effect."""
+        """Sequence one write (*frame* is its ``SequencedWrite``): apply, journal, then queue
+        it for every worker. *reply* (an atomic's answer) is queued for *requester* right after
+        the effect."""
         table = self.tables.setdefault(name, {})
         apply_write(table, op, args)
         self.sequence += 1
         if self.store is not None:
             self.store.append(name, op, args)  # committed before anything is sent (flush)
-        frame = _frame(SequencedWrite(origin, name, op, args))
         for handle, channel in channels:
             if handle is requester:
                 self._queue(channel, frame + reply)  # the answer follows its effect

@@ -26,6 +26,8 @@ EXAMPLES: list[m.Message] = [
     m.AtomicResult(9, True, 10),
     m.AtomicResult(9, False, "incr: value of 'n' is not an integer"),
     m.BroadcastEvent("room", None),
+    m.Barrier(4),
+    m.BarrierPassed(4),
 ]
 
 

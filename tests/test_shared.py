@@ -25,8 +25,15 @@ import pytest
 from harness import Client, config, run_mpnet, wait_for
 
 from mpnet.journal import StateFileError, Store, replay_journal
-from mpnet.pure.frames import FrameDecoder, decode_payload, encode
-from mpnet.pure.messages import from_wire, to_wire
+from mpnet.pure.frames import (
+    MAX_FRAME,
+    MAX_RELAYED_FRAME,
+    ChannelError,
+    FrameDecoder,
+    decode_payload,
+    encode,
+)
+from mpnet.pure.messages import SharedWrite, from_wire, to_wire
 from mpnet.pure.replica import SharedError, SharedValueTooLarge, run_atomic
 from mpnet.shared import SharedMaster
 from mpnet.workers.shared import SharedState
@@ -209,6 +216,99 @@ def test_a_value_too_large_for_the_channel_raises_the_documented_error():
     assert table.snapshot() == {"k": 1} and sent == []
 
 
+def test_acknowledged_writes_resolve_once_journaled_with_one_barrier_per_pass(tmp_path):
+    path = tmp_path / "state.db"
+    cluster = Cluster(2, state_file=str(path))
+
+    async def scenario() -> None:
+        a = cluster.table(0)
+        acks = [a.set("x", 1), a.delete("gone"), a.flush()]
+        a["y"] = 2
+        acks.append(cluster.table(0, "u").flush())  # any table: one barrier for the worker
+        await asyncio.sleep(0)  # the pass ends: its barrier is sent after its writes
+        kinds = [type(from_wire(m)).__name__ for m in cluster.workers[0].outbox]
+        assert kinds == ["SharedWrite", "SharedWrite", "SharedWrite", "Barrier"]
+        cluster.to_master(0, count=3)  # the writes, not yet the barrier
+        cluster.to_worker(0)
+        assert not any(ack.done() for ack in acks)
+        cluster.to_master(0)
+        assert load_state(path) == {"t": {"x": 1, "y": 2}}  # durable before...
+        cluster.to_worker(0)
+        await asyncio.sleep(0)
+        assert all(ack.done() and ack.result() is None for ack in acks)  # ...acknowledged
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        cluster.master.store.forget()  # type: ignore[union-attr]
+
+
+def test_sync_makes_every_write_acknowledged_elsewhere_visible():
+    cluster = Cluster(2)
+
+    async def scenario() -> None:
+        a, b = cluster.table(0), cluster.table(1)
+        ack = a.set("k", "v")
+        await asyncio.sleep(0)
+        cluster.to_master(0)  # the master ordered it and answered worker 0...
+        cluster.to_worker(0)
+        await ack
+        assert "k" not in b  # ...worker 1 has not read its channel yet: a stale read
+        barrier = b.sync()
+        await asyncio.sleep(0)
+        cluster.to_master(1)
+        cluster.to_worker(1)
+        await barrier
+        assert b["k"] == "v"
+
+    asyncio.run(scenario())
+
+
+def test_barriers_fail_when_the_channel_is_lost():
+    async def scenario() -> None:
+        sent: list[Any] = []
+        state = SharedState(sent.append, {})
+        table = state.table("t")
+        before = table.flush()  # not sent yet when the channel goes
+        table["k"] = 1
+        await asyncio.sleep(0)
+        sent_barrier = table.set("k", 2)
+        await asyncio.sleep(0)
+        unsent = table.sync()
+        state.fail_pending("channel lost")
+        for future in (before, sent_barrier, unsent):
+            with pytest.raises(SharedError, match="channel lost"):
+                await future
+        with pytest.raises(SharedError, match="channel lost"):
+            table.flush()
+
+    asyncio.run(scenario())
+
+
+def test_master_refuses_a_write_whose_fan_out_exceeds_the_frame_limit_before_applying(tmp_path):
+    path = tmp_path / "state.db"
+    cluster = Cluster(2, state_file=str(path))
+    handle = cluster.workers[0].handle
+    handle.pid = 2**40  # the fan-out carries the origin pid: 9 bytes where the write had none
+
+    def write_of(size: int) -> SharedWrite:
+        return SharedWrite("t", "set", ["k", b"x" * size])
+
+    def payload(write: SharedWrite) -> int:
+        return len(encode(to_wire(write), MAX_FRAME + 64)) - 4
+
+    write = write_of(MAX_FRAME - 2 - payload(write_of(MAX_FRAME - 100)) + MAX_FRAME - 100)
+    assert payload(write) == MAX_FRAME - 2  # the write itself fits a frame
+    with pytest.raises(ChannelError, match="frame limit"):
+        cluster.master.handle(handle, write, cluster.channels)
+    cluster.master.tick()
+    assert cluster.master.tables.get("t", {}) == {}
+    cluster.master.store.forget()  # type: ignore[union-attr]
+    assert load_state(path) == {}  # not journaled either
+    assert all(w.end.inbox == [] for w in cluster.workers)
+    assert payload(write) > MAX_RELAYED_FRAME  # a real worker refuses it at the call
+
+
 _MISSING = object()
 
 
@@ -331,16 +431,16 @@ def _journal(count: int) -> bytes:
 def test_journal_clean_cut_short_and_torn():
     data = _journal(10)
     tables: dict[str, dict[Any, Any]] = {}
-    assert replay_journal(data, tables, "j") == (len(data), 10)
+    assert replay_journal(data, tables, "j")[:2] == (len(data), 10)
     assert tables["t"] == {f"k{i}": i for i in range(10)}
     last = len(_record("t", "set", ["k9", 9]))
     for cut in (1, 5, 8, last - 3):
         tables = {}
-        end, count = replay_journal(data[:-cut], tables, "j")
+        end, count, *_ = replay_journal(data[:-cut], tables, "j")
         assert (end, count) == (len(data) - last, 9)
         assert "k9" not in tables["t"] and tables["t"]["k8"] == 8
     torn = data[:-1] + bytes([data[-1] ^ 0xFF])  # complete length, bad checksum, at the end
-    assert replay_journal(torn, {}, "j") == (len(data) - last, 9)
+    assert replay_journal(torn, {}, "j")[:2] == (len(data) - last, 9)
 
 
 def test_journal_corruption_in_the_middle_is_refused_with_its_offset():
@@ -842,7 +942,7 @@ def test_journal_cut_short_at_the_end_still_loads(probe_server, tmp_path):
     size = journal.stat().st_size
     os.truncate(journal, size - 3)
     server, port = probe_server(workers=2, **keys)
-    server.wait_log(r"dropped an incomplete last record \(\d+ bytes\) left by a crash")
+    server.wait_log(r"dropped a torn last record at byte \d+ \(\d+ bytes\) left by a crash")
     with Probe(port) as probe:
         state = dict(map(tuple, probe.call("dump", "acks")))
     # the cut record is the very last write; everything acknowledged before it survived

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from mpnet.pure.frames import ChannelError, FrameDecoder, encode
+from mpnet.pure.frames import MAX_FRAME, ChannelError, FrameDecoder, encode
 
 
 class WorkerChannel(asyncio.Protocol):
@@ -41,12 +41,13 @@ class WorkerChannel(asyncio.Protocol):
         self._pending.clear()
         self._on_lost(f"channel to master closed ({exc or 'EOF'})")
 
-    def send(self, message: Any) -> None:
+    def send(self, message: Any, limit: int = MAX_FRAME) -> None:
         """Queue *message*; every message sent in one pass of the event loop leaves in one
-        write at the end of that pass (one wake-up of the master instead of one each)."""
+        write at the end of that pass (one wake-up of the master instead of one each). A frame
+        above *limit* raises ChannelError here, before anything is queued."""
         if self.transport is None:
             return
-        frame = encode(message)
+        frame = encode(message, limit)
         if not self._pending:
             self._loop.call_soon(self.flush)
         self._pending += frame

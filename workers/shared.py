@@ -8,12 +8,15 @@ worker -> master
     ``AtomicRequest``   an atomic operation decided by the master (incr, setdefault, cas, pop,
                         delete_if); answered with ``AtomicResult``
     ``Broadcast``       a broadcast
+    ``Barrier``         answer once everything before this is ordered (``flush`` and ``sync``);
+                        answered with ``BarrierPassed``
 master -> every worker
     ``SequencedWrite``  a write in the master's order (its *effect*: atomics arrive as set/del
                         with the master's result, with origin 0)
     ``BroadcastEvent``  a broadcast, in the master's order
 master -> one worker
     ``AtomicResult``    the answer to an atomic operation
+    ``BarrierPassed``   the answer to a barrier
 
 How a replica merges sequenced writes with its own is in :mod:`mpnet.pure.replica`.
 
@@ -26,6 +29,18 @@ value (or a later local write).
 Values are plain data (None, bool, int, float, str, bytes, list, dict); anything else raises
 ``TypeError`` in the writing module, at the write. Treat values read from a table as immutable:
 mutating one in place changes only the local replica (write a modified copy back instead).
+
+What each form promises. A plain write (``t[k] = v``, ``del t[k]``, ``update``, ``clear``) is
+visible in this worker at once and is *fire-and-forget*: the master orders it later, and a crash
+of the master before then loses it. ``await t.set(k, v)``, ``await t.delete(k)`` and
+``await t.flush()`` (after plain writes) resolve once every write this worker made before the call
+is ordered by the master and written to the journal as ``state_fsync`` says: with ``"always"``
+fsynced, with ``"everysec"`` or ``"never"`` handed to the OS (it survives a crash of the master,
+not necessarily a power loss); without a ``state_file`` it lives in the master's memory. Atomic
+operations resolve on the same terms. ``await t.sync()`` is the read barrier: every write
+acknowledged (to anyone, in any worker, by any of these awaits) before the call is visible in
+this replica once it resolves. ``flush`` and ``sync`` are one ``Barrier`` round trip, shared by
+every caller of one pass of the worker's loop.
 
 Every message a worker writes is sent at the call (so an error, e.g. a value too large for the
 channel, is raised at the write). Once the channel to the master is lost, every shared operation
@@ -47,6 +62,8 @@ from typing import Any
 from mpnet.pure.messages import (
     AtomicRequest,
     AtomicResult,
+    Barrier,
+    BarrierPassed,
     Broadcast,
     BroadcastEvent,
     ChannelError,
@@ -123,6 +140,32 @@ class SharedTable(MutableMapping[Any, Any]):
         self._write("update", [changes], changes)
         self._data.update(changes)
 
+    # acknowledged writes and the read barrier
+
+    def set(self, key: Any, value: Any) -> asyncio.Future[None]:
+        """``t[key] = value``, returning a future that resolves once the master has ordered it
+        and journaled it as ``state_fsync`` says (see the module doc). Errors are raised here."""
+        self[key] = value
+        return self._state.barrier()
+
+    def delete(self, key: Any) -> asyncio.Future[None]:
+        """Delete *key* (missing is fine: the master's copy decides), acknowledged like
+        :meth:`set`."""
+        check_key(key)
+        self._write("del", [key], (key,))
+        self._data.pop(key, None)
+        return self._state.barrier()
+
+    def flush(self) -> asyncio.Future[None]:
+        """Resolves once every write this worker made before the call, to any table, is
+        ordered by the master and journaled as ``state_fsync`` says."""
+        return self._state.barrier()
+
+    def sync(self) -> asyncio.Future[None]:
+        """Read barrier: resolves once every write acknowledged to anyone before the call
+        (an awaited ``set``, ``delete``, ``flush`` or atomic, in any worker) is visible here."""
+        return self._state.barrier()
+
     def snapshot(self) -> dict[Any, Any]:
         """A shallow copy of the local replica."""
         return dict(self._data)
@@ -171,16 +214,21 @@ class SharedState:
         send: Callable[[Message], None],
         tables: dict[str, dict[Any, Any]],
         origin: int | None = None,
+        flush: Callable[[], None] | None = None,
     ) -> None:
         """*origin*: how the master names this worker in sequenced writes (its pid; the
-        in-process test kit, :mod:`mpnet.testing`, gives each of its workers its own)."""
+        in-process test kit, :mod:`mpnet.testing`, gives each of its workers its own).
+        *flush*: sends what is queued on the channel now (barriers leave at the end of a pass)."""
         self._channel_send = send
+        self._channel_flush = flush
         self._lost: str | None = None  # why the channel to the master is gone, once it is
         self._pid = os.getpid() if origin is None else origin
         self._initial = tables
         self._tables: dict[str, SharedTable] = {}
         self._requests: dict[int, asyncio.Future[Any]] = {}
         self._request_ids = itertools.count(1)
+        self._barrier_waiters: list[asyncio.Future[None]] | None = None  # this pass's callers
+        self._barriers: dict[int, list[asyncio.Future[None]]] = {}  # sent, not yet answered
         self._hooks: dict[str, list[tuple[Callable[[Any], Any], str]]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -221,15 +269,41 @@ class SharedState:
         self._requests[request] = future
         return future
 
+    def barrier(self) -> asyncio.Future[None]:
+        """A future resolved by the next :class:`Barrier` round trip. The barrier is sent once
+        per pass of the loop (after the callers' writes of that pass), so every caller of a pass
+        shares one round trip; each gets a future of its own, so cancelling one is harmless."""
+        if self._lost is not None:
+            raise SharedError(self._lost)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters = self._barrier_waiters
+        if waiters is None:
+            waiters = self._barrier_waiters = []
+            asyncio.get_running_loop().call_soon(self._send_barrier)
+        waiters.append(future)
+        return future
+
+    def _send_barrier(self) -> None:
+        waiters, self._barrier_waiters = self._barrier_waiters or [], None
+        if self._lost is not None:
+            _fail(waiters, self._lost)
+            return
+        request = next(self._request_ids)
+        self._barriers[request] = waiters
+        self._channel_send(Barrier(request))
+        if self._channel_flush is not None:
+            self._channel_flush()  # this pass's writes and the barrier leave in one write
+
     def fail_pending(self, reason: str) -> None:
         """Fail every unanswered atomic request (the channel to the master is gone, so no answer
         will come), and every shared operation after it at its call; the worker calls this when
         it loses its channel."""
         self._lost = f"shared state unavailable: {reason}"
         requests, self._requests = self._requests, {}
-        for future in requests.values():
-            if not future.done():
-                future.set_exception(SharedError(self._lost))
+        _fail(requests.values(), self._lost)
+        barriers, self._barriers = self._barriers, {}
+        for waiters in barriers.values():
+            _fail(waiters, self._lost)
 
     def receive(self, message: Message) -> None:
         """Take in a message from the master (every kind it sends is about shared state)."""
@@ -237,6 +311,10 @@ class SharedState:
             self._on_write(message)
         elif isinstance(message, AtomicResult):
             self._on_result(message)
+        elif isinstance(message, BarrierPassed):
+            for future in self._barriers.pop(message.request, ()):
+                if not future.done():
+                    future.set_result(None)
         elif isinstance(message, BroadcastEvent):
             self._on_broadcast(message)
         else:
@@ -269,3 +347,9 @@ class SharedState:
                 logging.getLogger(f"mpnet.module.{owner or 'mpnet'}").exception(
                     "hook for broadcast %r failed", topic
                 )
+
+
+def _fail(futures: Iterable[asyncio.Future[Any]], reason: str) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_exception(SharedError(reason))

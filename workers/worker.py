@@ -28,14 +28,18 @@ from mpnet import log as mpnet_log
 from mpnet.fdlimit import default_max_connections
 from mpnet.privileges import become_service_user
 from mpnet.pure.config import Config, ConfigError
+from mpnet.pure.frames import MAX_FRAME, MAX_RELAYED_FRAME
 from mpnet.pure.messages import (
+    AtomicRequest,
     BootError,
+    Broadcast,
     ChannelError,
     Heartbeat,
     Message,
     Metrics,
     NotAccepting,
     Ready,
+    SharedWrite,
     Stopped,
     from_wire,
     to_wire,
@@ -101,7 +105,7 @@ class Worker:
         self.services: dict[str, Service] = {}
         self.servers: list[asyncio.AbstractServer] = []
         self.modules: LoadedModules | None = None
-        self.shared = SharedState(self.send, shared_tables)
+        self.shared = SharedState(self.send, shared_tables, flush=self.write_channel_now)
         self._stop: asyncio.Future[str] | None = None
         self._tasks: list[asyncio.Future[Any]] = []
         # Several heartbeats per worker_timeout, so a healthy idle loop is never taken for stuck.
@@ -231,7 +235,13 @@ class Worker:
 
     def send(self, message: Message) -> None:
         if self.channel is not None:
-            self.channel.send(to_wire(message))
+            relayed = isinstance(message, (SharedWrite, AtomicRequest, Broadcast))
+            self.channel.send(to_wire(message), MAX_RELAYED_FRAME if relayed else MAX_FRAME)
+
+    def write_channel_now(self) -> None:
+        """Write the queued channel messages now rather than at the end of the loop pass."""
+        if self.channel is not None:
+            self.channel.flush()
 
     async def _flush_channel(self) -> None:
         """Give queued channel messages (``boot_error``, ``stopped``) a moment to leave."""

@@ -20,10 +20,25 @@ import msgpack
 from .messages import ChannelError
 from .values import KEY_TYPES, MAX_DEPTH, check_plain
 
-__all__ = ["MAX_FRAME", "ChannelError", "FrameDecoder", "decode_payload", "encode"]
+__all__ = [
+    "MAX_FRAME",
+    "MAX_RELAYED_FRAME",
+    "ChannelError",
+    "FrameDecoder",
+    "decode_payload",
+    "encode",
+    "payload_stream",
+]
 
 MAX_FRAME = 64 * 1024 * 1024
 """Largest frame either side accepts; a bigger length prefix is a protocol error."""
+
+MAX_RELAYED_FRAME = MAX_FRAME - 16
+"""Largest frame a worker may send for a message the master relays to every worker (a write, a
+broadcast, an atomic request). The relayed form is a few bytes longer (a ``SequencedWrite``
+carries the writer's pid, up to 9 bytes, where the ``SharedWrite`` had none), so a message that
+fits here always fits the fan-out frame: a write is refused at the call, never accepted by the
+master and then undeliverable."""
 
 _LEN = struct.Struct(">I")
 _INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1  # what msgpack's int formats hold
@@ -67,19 +82,19 @@ def _normalized(value: Any, depth: int) -> Any:
     raise TypeError(f"{kind.__name__} is not plain data")  # pragma: no cover
 
 
-def encode(message: Any) -> bytes:
+def encode(message: Any, limit: int = MAX_FRAME) -> bytes:
     """Encode one message as a complete frame (length prefix included).
 
     Raises ``TypeError`` for a value that is not plain data (or nested deeper than MAX_DEPTH
-    where msgpack alone cannot take it), ChannelError for one above the frame limit.
+    where msgpack alone cannot take it), ChannelError for one above *limit* (the frame limit).
     """
     try:
         payload = _packer.pack(message)
     except (TypeError, ValueError, OverflowError):
         payload = _packer.pack(_normalized(message, 0))
     size = len(payload)
-    if size > MAX_FRAME:
-        raise ChannelError(f"message of {size} bytes exceeds the {MAX_FRAME}-byte frame limit")
+    if size > limit:
+        raise ChannelError(f"message of {size} bytes exceeds the {limit}-byte frame limit")
     return _LEN.pack(size) + payload
 
 
@@ -111,6 +126,20 @@ def decode_payload(payload: bytes | bytearray) -> Any:
     except Exception as exc:  # ValueError (ExtraData, StackError...), TypeError, UnicodeError
         detail = str(exc) or _SILENT_ERRORS.get(type(exc).__name__, "")
         raise ChannelError(f"malformed payload ({type(exc).__name__}: {detail})") from None
+
+
+def payload_stream(max_size: int) -> msgpack.Unpacker:
+    """An unpacker with :func:`decode_payload`'s rules, for many payloads fed back to back (the
+    journal's replay decodes them in one C loop). Its errors are msgpack's own: a caller that
+    needs :class:`ChannelError` and an offset decodes the offending payload again with
+    :func:`decode_payload`."""
+    return msgpack.Unpacker(
+        raw=False,
+        strict_map_key=False,
+        ext_hook=_ext_hook,
+        timestamp=2,
+        max_buffer_size=max(max_size, 1),
+    )
 
 
 _SILENT_ERRORS = {"FormatError": "invalid type byte", "StackError": "nested too deeply"}

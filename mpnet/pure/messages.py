@@ -8,8 +8,9 @@ wrong. Semantic checks (a known table operation, plain-data arguments) stay with
 
 Worker -> master: :class:`Ready`, :class:`Heartbeat`, :class:`Metrics`, :class:`NotAccepting`,
 :class:`BootError`, :class:`Stopped`, :class:`SharedWrite`, :class:`AtomicRequest`,
-:class:`Broadcast`.
-Master -> worker: :class:`SequencedWrite`, :class:`AtomicResult`, :class:`BroadcastEvent`.
+:class:`Broadcast`, :class:`Barrier`.
+Master -> worker: :class:`SequencedWrite`, :class:`AtomicResult`, :class:`BroadcastEvent`,
+:class:`BarrierPassed`.
 """
 
 from __future__ import annotations
@@ -94,6 +95,15 @@ class Broadcast(NamedTuple):
     payload: Any
 
 
+class Barrier(NamedTuple):
+    """Answer me once everything before this message is ordered (and journaled as
+    ``state_fsync`` says): the worker's ``flush()`` and ``sync()``. Answered by a
+    :class:`BarrierPassed` with the same *request* number, queued after every write the master
+    sequenced before it, so it also tells the worker its replica holds those writes."""
+
+    request: int
+
+
 # -- master -> worker -----------------------------------------------------------------------------
 
 
@@ -123,6 +133,12 @@ class BroadcastEvent(NamedTuple):
     payload: Any
 
 
+class BarrierPassed(NamedTuple):
+    """The answer to a :class:`Barrier`."""
+
+    request: int
+
+
 Message = (
     Ready
     | Heartbeat
@@ -133,9 +149,11 @@ Message = (
     | SharedWrite
     | AtomicRequest
     | Broadcast
+    | Barrier
     | SequencedWrite
     | AtomicResult
     | BroadcastEvent
+    | BarrierPassed
 )
 
 _ANY = object
@@ -152,6 +170,8 @@ _SPEC: dict[type[Any], tuple[str, tuple[type, ...]]] = {
     SequencedWrite: ("sa", (int, str, str, list)),
     AtomicResult: ("sr", (int, bool, _ANY)),
     BroadcastEvent: ("be", (str, _ANY)),
+    Barrier: ("sb", (int,)),
+    BarrierPassed: ("sp", (int,)),
 }
 _TAG = {kind: tag for kind, (tag, _) in _SPEC.items()}
 _BY_TAG = {tag: (kind, types) for kind, (tag, types) in _SPEC.items()}

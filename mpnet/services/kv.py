@@ -27,6 +27,17 @@ Expiry is lazy (a read of an expired entry answers as if missing and deletes it 
 plus a sweep in every worker, ``expire_interval`` seconds apart (default 0.1), that looks at up to
 ``expire_batch`` (default 200) indexed keys per run, in a random order per worker.
 
+Acknowledgements and reads. A write (SET, MSET, FLUSHDB...) is answered once the master has
+ordered it and journaled it as ``state_fsync`` says (``await data.flush()``; the writes of one pass
+of the worker's loop share one round trip), and commands built on atomics (DEL, INCR, SET NX...)
+are answered after the master's answer, which comes on the same terms; so ``+OK`` means the write
+survives a crash of the master (and with ``state_fsync = "always"`` a power loss). A command that
+reads (GET, MGET, EXISTS, TTL, KEYS...) first waits for a read barrier (``await data.sync()``)
+requested after its request arrived, one per pass of the loop for every connection: a write
+acknowledged to any client, on any worker, is seen by every read that client or another one sends
+after the acknowledgement. When the channel to the master is lost every such command is answered
+with an error (``-ERR shared state unavailable: ...``), never ``+OK``.
+
 Pipelining: commands are answered in order. Reads of the local replica, plain SETs and replies
 that need no round trip are answered at once; round trips that depend on nothing local
 (INCR of a key without TTL, DEL) are sent back to back and awaited together; a command that
@@ -96,6 +107,32 @@ E_TOO_BIG = encode_error("ERR value too large to share between workers")
 E_INTERNAL = encode_error("ERR internal error (see the server log)")
 
 Reply = bytes | Awaitable[bytes]
+
+
+class Acked:
+    """The reply to a write, sent once *barrier* (``data.flush()`` or ``data.sync()``) has
+    resolved. Unlike other awaited replies it holds nothing back: the write is in the local
+    replica already, so later commands may run (and later writes share the barrier)."""
+
+    __slots__ = ("barrier", "reply")
+
+    def __init__(self, barrier: asyncio.Future[None], reply: bytes = b"+OK\r\n") -> None:
+        self.barrier = barrier
+        self.reply = reply
+
+    def __await__(self) -> Any:
+        yield from self.barrier
+        return self.reply
+
+
+READS = {b"GET", b"MGET", b"EXISTS", b"TYPE", b"KEYS", b"SCAN", b"DBSIZE", b"TTL", b"PTTL", b"INFO"}
+READS |= {b"EXPIRE", b"PEXPIRE", b"PERSIST"}  # decide from the replica before their round trip
+
+
+def reads_replica(name: bytes, command: list[bytes]) -> bool:
+    """Whether *command* answers from the local replica, so it must see every write
+    acknowledged before it arrived (a plain SET reads nothing; SET NX/XX/GET does)."""
+    return name in READS or (name == b"SET" and len(command) > 3)
 
 
 def now_ms() -> int:
@@ -228,6 +265,7 @@ class Session:
     """One client: its parser, its protocol version and its replies in order."""
 
     __slots__ = (
+        "busy",
         "closing",
         "conn",
         "error",
@@ -238,6 +276,7 @@ class Session:
         "proto",
         "replies",
         "stalled",
+        "unsynced",
     )
 
     def __init__(self, conn: Any) -> None:
@@ -251,6 +290,8 @@ class Session:
         self.proto = 2
         self.null = b"$-1\r\n"
         self.name: bytes | None = None
+        self.unsynced = False  # requests arrived since this session's last read barrier
+        self.busy = False  # resuming itself (see wait): onincoming only feeds the parser
 
     # -- the pump ------------------------------------------------------------------------------
 
@@ -260,7 +301,8 @@ class Session:
         the peer leaves more than ``REPLY_HIGH_WATER`` bytes unread: reading is paused then
         (backpressure) and ``ondrain`` resumes the pump."""
         replies = self.replies
-        waiting = any(reply.__class__ is not bytes for reply in replies)
+        waiting = any(reply.__class__ not in (bytes, Acked) for reply in replies)
+        pending = waiting or any(reply.__class__ is Acked for reply in replies)
         ready = 0  # bytes of replies produced and not yet written
         while not self.closing:
             command = self.held
@@ -277,10 +319,21 @@ class Session:
                     break
             else:
                 self.held = None
-            spec = COMMANDS.get(command[0].upper())
+            name = command[0].upper()
+            spec = COMMANDS.get(name)
             if waiting and (spec is None or not spec.batch):
                 self.held = command
                 return True
+            if self.unsynced and spec is not None and reads_replica(name, command):
+                self.unsynced = False
+                try:
+                    barrier = data.sync()
+                except SharedError as exc:
+                    replies.append(encode_error(f"ERR {exc}"))
+                    continue
+                self.held = command
+                replies.append(Acked(barrier, b""))
+                return True  # it runs once the barrier has passed
             if spec is None:
                 reply: Reply = unknown_command(command)
             elif (spec.arity > 0 and len(command) != spec.arity) or len(command) < -spec.arity:
@@ -290,12 +343,14 @@ class Session:
                     reply = spec.handler(self, command)
                 except SharedValueTooLarge:
                     reply = E_TOO_BIG
+                except SharedError as exc:  # the channel to the master is gone
+                    reply = encode_error(f"ERR {exc}")
                 except Exception:  # a bug here must not leave the client waiting
                     module.log("error", "%s failed:\n%s", spec.name, traceback.format_exc())
                     reply = E_INTERNAL
             if reply.__class__ is bytes:
                 replies.append(reply)  # type: ignore[arg-type]
-                if not waiting:
+                if not pending:  # replies can be written in order only when none is awaited
                     ready += len(reply)  # type: ignore[arg-type]
                     if ready > REPLY_HIGH_WATER:
                         ready = 0
@@ -305,10 +360,13 @@ class Session:
                             return False
                 continue
             replies.append(reply)
+            pending = True
+            if reply.__class__ is Acked:
+                continue
             waiting = True
             if not spec.batch:  # type: ignore[union-attr]
                 return True  # a barrier: what follows waits for it
-        if waiting:
+        if waiting or any(reply.__class__ is Acked for reply in replies):
             return True
         self.flush()
         return False
@@ -342,6 +400,58 @@ class Session:
                         replies[index] = E_INTERNAL
             if not self.pump():
                 return
+
+    def wait(self) -> Awaitable[None] | None:
+        """What ``onincoming`` returns while replies are pending. When they are all
+        acknowledgements (:class:`Acked`: plain writes and read barriers, the common case), the
+        session resumes itself by callbacks when the barrier passes and returns None: no task,
+        no coroutine, and reading is not paused and resumed per request (together half of an
+        acknowledged SET's cost). Commands arriving meanwhile wait in the parser (``busy``).
+        Otherwise the :meth:`drain` coroutine, which the connection awaits."""
+        if any(r.__class__ not in (bytes, Acked) for r in self.replies):
+            return self.drain()
+        self.busy = True
+        self._chain()
+        return None
+
+    def _chain(self) -> None:
+        pending = [r.barrier for r in self.replies if r.__class__ is Acked]  # type: ignore[union-attr]
+        remaining = [len(pending)]
+
+        def passed(_: asyncio.Future[None]) -> None:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                self._resume()
+
+        for barrier in pending:
+            barrier.add_done_callback(passed)
+
+    def _resume(self) -> None:
+        replies = self.replies
+        for index, reply in enumerate(replies):
+            if reply.__class__ is Acked:
+                barrier = reply.barrier  # type: ignore[union-attr]
+                if barrier.cancelled() or barrier.exception() is not None:
+                    error = "cancelled" if barrier.cancelled() else barrier.exception()
+                    replies[index] = encode_error(f"ERR {error}")
+                else:
+                    replies[index] = reply.reply  # type: ignore[union-attr]
+        if not self.pump():
+            self.busy = False
+        elif any(r.__class__ not in (bytes, Acked) for r in replies):
+            asyncio.ensure_future(self.drain()).add_done_callback(self._drained)
+        else:
+            self._chain()
+
+    def _drained(self, task: asyncio.Future[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            module.log("error", "kv session failed: %r", task.exception())
+        self.busy = False
+        if self.pump():  # commands that arrived after drain's last look
+            result = self.wait()
+            if result is not None:
+                asyncio.ensure_future(result).add_done_callback(self._drained)
+                self.busy = True
 
     # -- replies that depend on the protocol ---------------------------------------------------
 
@@ -471,7 +581,7 @@ def cmd_set(session: Session, args: list[bytes]) -> Reply:
         data[key] = value if deadline is None else [value, deadline]
         if deadline is not None:
             expires[key] = deadline
-        return OK
+        return Acked(data.flush())
     return set_slow(session, key, value, deadline, condition, keepttl, get)
 
 
@@ -512,7 +622,7 @@ def cmd_mset(session: Session, args: list[bytes]) -> Reply:
     if len(args) % 2 == 0:
         return encode_error("ERR wrong number of arguments for 'mset' command")
     data.update({args[i]: stored(args[i + 1]) for i in range(1, len(args), 2)})
-    return OK
+    return Acked(data.flush())
 
 
 def cmd_del(session: Session, args: list[bytes]) -> Reply:
@@ -659,7 +769,7 @@ def cmd_flushdb(session: Session, args: list[bytes]) -> Reply:
         return E_SYNTAX
     data.clear()
     expires.clear()
-    return OK
+    return Acked(data.flush())
 
 
 def cmd_expire(session: Session, args: list[bytes]) -> Reply:
@@ -933,10 +1043,11 @@ class listener:
         if session.closing:
             return None
         session.parser.feed(chunk)
-        if session.stalled:
-            return None
+        session.unsynced = True
+        if session.busy or session.stalled:
+            return None  # the pending continuation, or ondrain, runs these commands
         if session.pump():
-            return session.drain()
+            return session.wait()
         return None
 
     def ondrain(conn):
@@ -944,8 +1055,10 @@ class listener:
         if session is None or not session.stalled:
             return None
         session.stalled = False
+        if session.busy:
+            return None
         if session.pump():
-            return session.drain()
+            return session.wait()
         return None
 
     def ondisconnect(conn, err):
