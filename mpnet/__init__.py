@@ -31,12 +31,13 @@ _PUBLIC = {
     "Module": "mpnet.workers.module",
     "ModuleError": "mpnet.workers.provider",
     "SharedError": "mpnet.pure.replica",
+    "SharedUnavailable": "mpnet.pure.replica",
     "SharedTable": "mpnet.workers.shared",
 }
 
 if TYPE_CHECKING:
     from .pure.config import ConfigError
-    from .pure.replica import SharedError
+    from .pure.replica import SharedError, SharedUnavailable
     from .workers.connection import Connection
     from .workers.module import Module
     from .workers.provider import Listener, ModuleError
@@ -50,6 +51,7 @@ __all__ = [
     "ModuleError",
     "SharedError",
     "SharedTable",
+    "SharedUnavailable",
     "__version__",
 ]
 
