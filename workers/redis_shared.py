@@ -301,17 +301,19 @@ class RedisSharedState:
             raise ConfigError("the server answered PING oddly: not Redis?")
         marker = await call("GET", keys.meta)
         if marker is None:
-            cursor, found = b"0", []
             cursor, found = await call("SCAN", 0, "MATCH", keys.everything, "COUNT", 1000)
             while not found and int(cursor):
                 cursor, found = await call("SCAN", cursor, "MATCH", keys.everything, "COUNT", 1000)
-            if found:
-                raise ConfigError(
-                    f"prefix {keys.prefix!r} holds keys mpnet did not write (e.g. "
-                    f"{found[0]!r}); choose another redis_prefix"
-                )
-            await call("SET", keys.meta, MARKER, "NX")
-            marker = await call("GET", keys.meta)
+            if found:  # ours, if another worker just marked the prefix (it marks first)
+                marker = await call("GET", keys.meta)
+                if marker is None:
+                    raise ConfigError(
+                        f"prefix {keys.prefix!r} holds keys mpnet did not write (e.g. "
+                        f"{found[0]!r}); choose another redis_prefix"
+                    )
+            else:
+                await call("SET", keys.meta, MARKER, "NX")
+                marker = await call("GET", keys.meta)
         if marker != MARKER:
             raise ConfigError(
                 f"prefix {keys.prefix!r} belongs to something else ({keys.meta} = {marker!r}, "
