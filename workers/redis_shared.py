@@ -53,9 +53,9 @@ from mpnet.pure.redisshared import (
     decode_value,
     encode_broadcast,
     error_message,
-    redacted,
     write_args,
 )
+from mpnet.pure.redisurl import redacted
 from mpnet.pure.replica import Replica, SharedError, SharedUnavailable, apply_write, check_key
 from mpnet.pure.values import check_plain
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .redisshared import check_url
+from .redisurl import check_url
 
 DEFAULT_CONFIG = """\
 # The embedded default configuration: the seed's two examples on loopback.

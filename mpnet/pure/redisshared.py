@@ -9,7 +9,7 @@ Layout under the deployment's prefix ``P`` (``redis_prefix``):
 ``P events``        the pub/sub channel every change (and every broadcast) is published on
 
 Every write and atomic runs as one Lua script that changes the hash, increments ``P seq`` and
-publishes the change on ``P events`` (``[seq, origin, table, op, field, value, ...]``, msgpack):
+publishes the change on ``P events`` (``seq origin table op field value ...`` as netstrings):
 Redis runs scripts one at a time and delivers a channel's messages in order, so every worker on
 every host sees every change in Redis's order. Events carry values (never just "key changed"),
 so a replica never needs a round trip to catch up, and the worker's merge rules
@@ -19,15 +19,14 @@ so a replica never needs a round trip to catch up, and the worker's merge rules
 Values: an int in the signed 64-bit range is stored as its decimal digits (so ``HINCRBY`` is
 ``incr``), anything else as ``\\x00`` + msgpack (:mod:`mpnet.pure.frames`), so the two never
 collide. Keys are msgpack-encoded: ``1`` and ``"1"`` are different keys, as in a dict.
+Events are a sequence of netstrings (``<length>:<bytes>``): Lua builds them with string
+operations, and they carry the stored forms as they are.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
-
-import msgpack
 
 from .frames import decode_payload, encode
 from .messages import ChannelError
@@ -38,8 +37,29 @@ MARKER = b"mpnet-shared/1"
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _PACKED = b"\x00"
-URL_SCHEMES = ("redis", "rediss", "unix")
 BROADCAST = b"b"
+
+
+def netstrings(items: list[bytes]) -> bytes:
+    return b"".join(b"%d:%s" % (len(item), item) for item in items)
+
+
+def split_netstrings(raw: bytes) -> list[bytes]:
+    """The items of a netstring sequence; ChannelError if it is not one."""
+    items = []
+    pos, end = 0, len(raw)
+    try:
+        while pos < end:
+            colon = raw.index(b":", pos, pos + 21)
+            size = int(raw[pos:colon])
+            start = colon + 1
+            if size < 0 or start + size > end:
+                raise ValueError
+            items.append(raw[start : start + size])
+            pos = start + size
+    except ValueError:
+        raise ChannelError("malformed event (not a netstring sequence)") from None
+    return items
 
 
 @dataclass(frozen=True)
@@ -129,15 +149,16 @@ class BroadcastMessage:
 
 def decode_event(raw: bytes) -> Change | BroadcastMessage:
     """Decode one message of the events channel; ChannelError if it is not one of ours."""
-    try:
-        items = msgpack.unpackb(raw, raw=True, use_list=True)
-    except Exception as exc:
-        raise ChannelError(f"malformed event ({type(exc).__name__})") from None
-    if not isinstance(items, list) or len(items) < 4:
-        raise ChannelError("malformed event (not an array of 4 or more)")
-    if items[0] == 0 and items[3] == BROADCAST and len(items) == 6:
-        return BroadcastMessage(items[4].decode(), decode_payload(items[5]))
-    seq, origin, table, op = items[:4]
+    items = split_netstrings(raw)
+    if len(items) < 4:
+        raise ChannelError("malformed event (fewer than 4 items)")
+    if items[0] == b"0" and items[3] == BROADCAST and len(items) == 6:
+        try:
+            topic = items[4].decode()
+        except UnicodeDecodeError:
+            raise ChannelError("malformed event (topic)") from None
+        return BroadcastMessage(topic, decode_payload(items[5]))
+    raw_seq, origin, table, op = items[:4]
     rest = items[4:]
     try:
         name, kind = table.decode(), op.decode()
@@ -153,14 +174,14 @@ def decode_event(raw: bytes) -> Change | BroadcastMessage:
         args = [{decode_key(rest[i]): decode_value(rest[i + 1]) for i in range(0, len(rest), 2)}]
     else:
         raise ChannelError(f"malformed event (op {op!r} with {len(rest)} arguments)")
-    if type(seq) is not int:
+    if not raw_seq.isdigit():
         raise ChannelError("malformed event (seq)")
-    return Change(seq, bytes(origin), name, kind, args)
+    return Change(int(raw_seq), origin, name, kind, args)
 
 
 def encode_broadcast(topic: str, payload: Any) -> bytes:
     """A broadcast as published on the events channel (seq 0: broadcasts change no state)."""
-    return msgpack.packb([0, b"", b"", BROADCAST, topic.encode(), encode(payload)[4:]])
+    return netstrings([b"0", b"", b"", BROADCAST, topic.encode(), encode(payload)[4:]])
 
 
 def write_args(op: str, args: list[Any]) -> list[bytes]:
@@ -185,7 +206,11 @@ def write_args(op: str, args: list[Any]) -> list[bytes]:
 _PUBLISH = """
 local function publish(...)
   local seq = redis.call('INCR', KEYS[2])
-  redis.call('PUBLISH', ARGV[1], cmsgpack.pack({seq, ARGV[2], ARGV[3], ...}))
+  local out = {}
+  for _, item in ipairs({string.format('%d', seq), ARGV[2], ARGV[3], ...}) do
+    out[#out + 1] = #item .. ':' .. item
+  end
+  redis.call('PUBLISH', ARGV[1], table.concat(out))
   return seq
 end
 local function current() return tonumber(redis.call('GET', KEYS[2]) or '0') end
@@ -286,33 +311,3 @@ def error_message(op: str, key: Any, reply: str) -> str:
     if "WRONGTYPE" in reply:
         return f"{op}: the Redis key of this table is not a hash (another program's key?)"
     return f"{op}: Redis refused it: {reply}"
-
-
-def check_url(url: str) -> str | None:
-    """What is wrong with a ``redis_url`` (None if nothing): the scheme, host and port."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        return f"not a valid URL ({exc})"
-    if parts.scheme not in URL_SCHEMES:
-        return "a URL starting redis://, rediss:// or unix://"
-    if parts.scheme == "unix":
-        return None if parts.path else "unix:// with a socket path"
-    if not parts.hostname:
-        return f"{parts.scheme}://host[:port][/db]"
-    del port
-    db = parts.path.lstrip("/")
-    if db and not db.isdigit():
-        return f"a database number after the host, not {db!r}"
-    return None
-
-
-def redacted(url: str) -> str:
-    """*url* without its password, fit for a log line."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
