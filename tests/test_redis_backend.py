@@ -247,7 +247,7 @@ def test_redis_frozen_then_back_fails_atomics_in_bounded_time_and_recovers(
     redis = redis_server()
     server = mpnet(
         redis_config(
-            ["probe"], redis.url, module_paths=[probe_module], probe_ports=[0], redis_timeout=1
+            ["probe"], redis.url, module_paths=[probe_module], probe_ports=[0], redis_timeout=2
         )
     )
     pids = server.worker_pids()
@@ -268,7 +268,9 @@ def test_redis_frozen_then_back_fails_atomics_in_bounded_time_and_recovers(
 
         wait_for(incr_works, what="incr to work again")
         assert client.ask("get k") == "1"
-    server.wait_log(r"redis: connection to \S+ lost \(no answer within 1s\)")
+    server.wait_log(
+        r"redis: connection to \S+ lost \((no answer|the events subscription was silent)"
+    )
     assert server.worker_pids() == pids  # no worker crashed
 
 
