@@ -250,6 +250,8 @@ class Session:
                     reply = spec.handler(self, command)
                 except ChannelError:
                     reply = E_TOO_BIG
+                except SharedError as exc:  # e.g. shared_backend = "redis" and Redis is down
+                    reply = encode_error(f"ERR {exc}")
                 except Exception:  # a bug here must not leave the client waiting
                     module.log("error", "%s failed:\n%s", spec.name, traceback.format_exc())
                     reply = E_INTERNAL
