@@ -69,6 +69,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                     "workers": config.worker_count,
                     "modules": report["modules"],
                     "services": {p.service: [str(e) for e in p.endpoints] for p in plans},
+                    "redis": report.get("redis"),
                 }
             )
         )
@@ -76,6 +77,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"config {config.path}: ok ({config.worker_count} workers)")
     for line in ledger.describe():
         print(f"  {line}")
+    if report.get("redis"):
+        print(f"  shared tables on Redis: {report['redis']}")
     return 0
 
 

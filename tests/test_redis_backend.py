@@ -376,3 +376,16 @@ def test_a_prefix_holding_foreign_keys_fails_the_start(redis_server, start_failu
     log = start_failure(redis.url)
     assert "prefix 'mpnet:' holds keys mpnet did not write" in log
     assert "choose another redis_prefix" in log
+
+
+def test_check_reports_whether_redis_is_reachable(redis_server, tmp_path):
+    redis = redis_server()
+    (tmp_path / "mpnet.toml").write_text(redis_config(["kv"], redis.url, kv_ports=[0]))
+    result = run_mpnet(tmp_path, "check", "-c", "mpnet.toml")
+    assert result.returncode == 0, result.stderr
+    assert f"shared tables on Redis: reachable at {redis.url}, prefix 'mpnet:'" in result.stdout
+    redis.stop()
+    result = run_mpnet(tmp_path, "check", "-c", "mpnet.toml")
+    assert result.returncode != 0
+    assert f"redis_url {redis.url}: cannot use it" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

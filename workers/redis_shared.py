@@ -647,3 +647,21 @@ def from_config(config: Config) -> RedisSharedState:
     return RedisSharedState(
         config["redis_url"], config["redis_prefix"], float(config["redis_timeout"])
     )
+
+
+def probe(config: Config) -> str:
+    """Connect as a worker would, then disconnect (``mpnet check`` and every start, in the
+    checker process); ConfigError if Redis cannot be used, else a line saying what was found."""
+
+    async def run() -> int:
+        state = from_config(config)
+        await state.start()
+        tables = len(state._initial)
+        await state.close()
+        return tables
+
+    tables = asyncio.run(run())
+    return (
+        f"reachable at {redacted(config['redis_url'])}, prefix {config['redis_prefix']!r}, "
+        f"{tables} table(s)"
+    )
