@@ -4,6 +4,7 @@ one or two mpnet instances ("hosts" on one machine) sharing it."""
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import signal
@@ -389,3 +390,23 @@ def test_check_reports_whether_redis_is_reachable(redis_server, tmp_path):
     assert result.returncode != 0
     assert f"redis_url {redis.url}: cannot use it" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_killing_one_host_leaves_the_other_serving_with_every_acknowledged_write(
+    mpnet, redis_server, probe_module
+):
+    redis = redis_server()
+    doomed, survivor = two_hosts(
+        mpnet, redis, ["probe"], module_paths=[probe_module], probe_ports=[0]
+    )
+    on_survivor = LineClient(survivor.port("probe"))
+    with LineClient(doomed.port("probe")) as client:
+        for i in range(100):
+            assert client.ask(f"set k{i} {i}") == "ok"
+        doomed.workers()  # remember its workers' pids for the teardown
+        os.killpg(doomed.pid, signal.SIGKILL)  # master and workers at once
+    doomed.wait_exit()
+    assert [on_survivor.ask(f"get k{i}") for i in range(100)] == [str(i) for i in range(100)]
+    with LineClient(survivor.port("probe")) as fresh:
+        assert fresh.ask("incr after") == "1"
+    on_survivor.close()

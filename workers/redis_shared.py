@@ -249,6 +249,7 @@ class RedisSharedState:
                 log.warning("redis: stopping with writes not confirmed by Redis")
         if self._background is not None:
             self._background.cancel()
+        self._unavailable = "the worker is stopping"
         self._drop_connections()
 
     # -- connecting ---------------------------------------------------------------------------
@@ -288,6 +289,10 @@ class RedisSharedState:
             ) from None
         except (RedisError, OSError) as exc:
             raise SharedUnavailable(f"cannot use it: {exc}") from None
+        except ChannelError as exc:
+            raise ConfigError(
+                f"a table under the prefix holds data mpnet did not write: {exc}"
+            ) from None
 
     async def _handshake(self, cmd: Any, sub: Any) -> None:
         keys = self.keys
@@ -620,7 +625,7 @@ class RedisSharedState:
                 continue
             try:
                 await self._connect()
-            except (ConfigError, SharedUnavailable) as exc:
+            except Exception as exc:
                 failures += 1
                 if failures == 1 or isinstance(exc, ConfigError):
                     log.warning("redis: reconnecting to %s failed: %s", redacted(self.url), exc)
