@@ -13,7 +13,10 @@ in each round, the sides interleaved (their order rotating):
    Each process also receives and applies every change of the other (the replica fan-out);
 2. **redis-py INCR, 2 processes**: the same, with ``redis.asyncio.Redis`` (hiredis, its
    connection pool) doing ``await r.incr("n")``;
-3. **local read vs Redis GET**: ``table["k"]`` on the replica against ``await r.get("k")``
+3. with ``--scaling``: shared incr with 1, 2 and 3 processes ("hosts"), total rate and time per
+   operation (one 2-core machine cannot show a speed-up; the figure to read is that the cost per
+   operation stays flat);
+4. **local read vs Redis GET**: ``table["k"]`` on the replica against ``await r.get("k")``
    (sequential round trips), ns per operation, in one process.
 
 Prints medians (and range) per side and the ratios against the targets: shared incr >= 1.0x
@@ -118,12 +121,12 @@ def _child(side: str, url: str, tasks: int, seconds: float, start_at: float, out
     out.send(run_loop(factory, url, tasks, seconds, start_at))
 
 
-def two_processes(side: str, url: str, tasks: int, seconds: float) -> float:
-    """Total operations per second of two processes running *side* at the same time."""
+def processes(side: str, url: str, tasks: int, seconds: float, count: int = 2) -> float:
+    """Total operations per second of *count* processes running *side* at the same time."""
     context = multiprocessing.get_context("fork")
-    start_at = time.time() + 1.5  # both connected and loaded before the clock starts
+    start_at = time.time() + 1.5  # all connected and loaded before the clock starts
     pipes, procs = [], []
-    for _ in range(2):
+    for _ in range(count):
         reader, writer = context.Pipe(duplex=False)
         proc = context.Process(target=_child, args=(side, url, tasks, seconds, start_at, writer))
         proc.start()
@@ -175,6 +178,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--tasks", type=int, default=50, help="concurrent tasks per process")
     parser.add_argument("--reads", type=int, default=200_000)
+    parser.add_argument(
+        "--scaling", action="store_true", help="also shared incr with 1, 2 and 3 processes"
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     with tempfile.TemporaryDirectory() as directory:
@@ -182,15 +188,20 @@ def main() -> int:
         try:
             rates: dict[str, list[float]] = {"shared": [], "redis-py": []}
             local_ns, get_ns = [], []
+            scaling: dict[int, list[float]] = {}
             for round_ in range(args.rounds):
                 sides = ["shared", "redis-py"]
                 if round_ % 2:
                     sides.reverse()
                 for side in sides:
-                    rates[side].append(two_processes(side, url, args.tasks, args.seconds))
+                    rates[side].append(processes(side, url, args.tasks, args.seconds))
                 local, remote = run_loop(reads, url, args.reads)
                 local_ns.append(local)
                 get_ns.append(remote)
+                if args.scaling:
+                    for hosts in (1, 2, 3):
+                        rate = processes("shared", url, args.tasks, args.seconds, hosts)
+                        scaling.setdefault(hosts, []).append(rate)
                 print(
                     f"round {round_ + 1}: shared incr {rates['shared'][-1]:,.0f}/s, "
                     f"redis-py INCR {rates['redis-py'][-1]:,.0f}/s, local read {local:,.0f} ns, "
@@ -205,6 +216,9 @@ def main() -> int:
     print(f"shared incr, 2 processes x {args.tasks} tasks: {summary(rates['shared'])} ops/s")
     print(f"redis-py INCR, 2 processes x {args.tasks} tasks: {summary(rates['redis-py'])} ops/s")
     print(f"local read: {summary(local_ns)} ns; redis-py GET: {summary(get_ns)} ns")
+    for hosts, values in scaling.items():
+        rate = statistics.median(values)
+        print(f"shared incr, {hosts} process(es): {rate:,.0f} ops/s, {1e6 / rate:,.1f} µs per op")
     print(f"shared incr / redis-py INCR = {incr_ratio:.2f}x (target >= 1.0x)")
     print(f"Redis GET / local read = {read_ratio:,.0f}x (target >= 50x)")
     return 0

@@ -534,8 +534,7 @@ class RedisSharedState:
             )
             return
         if isinstance(event, BroadcastMessage):
-            if not replay:
-                self._deliver(event.topic, event.payload)
+            self._deliver(event.topic, event.payload)
             return
         if replay:
             table = self._tables.get(event.table)
