@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -410,3 +411,14 @@ def test_killing_one_host_leaves_the_other_serving_with_every_acknowledged_write
     with LineClient(survivor.port("probe")) as fresh:
         assert fresh.ask("incr after") == "1"
     on_survivor.close()
+
+
+def test_an_idle_connection_is_not_taken_for_a_lost_one(mpnet, redis_server, probe_module):
+    """redis-py's default read timeout (5 s) must not end a quiet but healthy connection."""
+    redis = redis_server()
+    server = mpnet(redis_config(["probe"], redis.url, module_paths=[probe_module], probe_ports=[0]))
+    with LineClient(server.port("probe")) as client:
+        assert client.ask("set k 1") == "ok"
+        time.sleep(7)  # the condition under test is the idle time itself
+        assert client.ask("incr n") == "1"
+    assert "lost" not in server.log, server.log

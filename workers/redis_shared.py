@@ -263,6 +263,7 @@ class RedisSharedState:
                 self._pool = aioredis.ConnectionPool.from_url(
                     self.url,
                     socket_connect_timeout=self.timeout,
+                    socket_timeout=None,  # idle is normal; _watch decides when Redis is gone
                     socket_keepalive=True,
                     protocol=2,  # subscribed messages as plain replies, no HELLO needed
                 )
