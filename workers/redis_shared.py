@@ -388,7 +388,7 @@ class RedisSharedState:
         self._sync_pending = None
         data, self._outbox = self._outbox, []
         if data and self._unavailable is None:
-            task = asyncio.ensure_future(self._cmd.send_packed_command(data, check_health=False))
+            task = asyncio.ensure_future(_send(self._cmd, data))
             self._tasks.add(task)
             task.add_done_callback(self._sent)
 
@@ -619,7 +619,7 @@ class RedisSharedState:
                 elif now - self._sub_heard > self.timeout:
                     self._lost(f"the events subscription was silent for {self.timeout:g}s")
                 elif now - self._sub_heard > interval and self._sub is not None:
-                    task = asyncio.ensure_future(self._sub.send_command("PING", check_health=False))
+                    task = asyncio.ensure_future(_send(self._sub, self._sub.pack_command("PING")))
                     self._tasks.add(task)
                     task.add_done_callback(self._sent)
                 continue
@@ -636,6 +636,13 @@ class RedisSharedState:
                 redacted(self.url),
                 len(self._tables) + len(self._initial),
             )
+
+
+async def _send(conn: Any, data: list[bytes]) -> None:
+    """Write on *conn* unless it was closed meanwhile: redis-py would silently reconnect it, and
+    nobody would read that new connection's answers."""
+    if conn.is_connected:
+        await conn.send_packed_command(data, check_health=False)
 
 
 def _decoded(flat: list[bytes]) -> dict[Any, Any]:
