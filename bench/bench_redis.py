@@ -14,8 +14,9 @@ in each round, the sides interleaved (their order rotating):
 2. **redis-py INCR, 2 processes**: the same, with ``redis.asyncio.Redis`` (hiredis, its
    connection pool) doing ``await r.incr("n")``;
 3. with ``--scaling``: shared incr with 1, 2 and 3 processes ("hosts"), total rate and time per
-   operation (one 2-core machine cannot show a speed-up; the figure to read is that the cost per
-   operation stays flat);
+   client CPU time per operation (one 2-core machine cannot show a speed-up; the figure to read
+   is that the cost per operation stays flat as hosts are added, although each host applies
+   every other host's changes to its replica);
 4. **local read vs Redis GET**: ``table["k"]`` on the replica against ``await r.get("k")``
    (sequential round trips), ns per operation, in one process.
 
@@ -118,7 +119,11 @@ async def redispy_incr(url: str, tasks: int, seconds: float, start_at: float) ->
 
 def _child(side: str, url: str, tasks: int, seconds: float, start_at: float, out) -> None:
     factory = shared_incr if side == "shared" else redispy_incr
-    out.send(run_loop(factory, url, tasks, seconds, start_at))
+    count = run_loop(factory, url, tasks, seconds, start_at)
+    out.send((count, time.process_time()))  # the process's CPU seconds, connecting included
+
+
+CPU_PER_OP: dict[tuple[str, int], list[float]] = {}  # (side, processes) -> client CPU µs per op
 
 
 def processes(side: str, url: str, tasks: int, seconds: float, count: int = 2) -> float:
@@ -132,13 +137,16 @@ def processes(side: str, url: str, tasks: int, seconds: float, count: int = 2) -
         proc.start()
         pipes.append(reader)
         procs.append(proc)
-    total = 0
+    total, cpu = 0, 0.0
     for reader, proc in zip(pipes, procs, strict=True):
         if not reader.poll(seconds + 60):
             proc.kill()
             sys.exit(f"{side}: a benchmark process did not answer")
-        total += reader.recv()
+        done, used = reader.recv()
+        total += done
+        cpu += used
         proc.join(30)
+    CPU_PER_OP.setdefault((side, count), []).append(cpu * 1e6 / max(1, total))
     return total / seconds
 
 
@@ -218,7 +226,11 @@ def main() -> int:
     print(f"local read: {summary(local_ns)} ns; redis-py GET: {summary(get_ns)} ns")
     for hosts, values in scaling.items():
         rate = statistics.median(values)
-        print(f"shared incr, {hosts} process(es): {rate:,.0f} ops/s, {1e6 / rate:,.1f} µs per op")
+        cost = statistics.median(CPU_PER_OP["shared", hosts])
+        print(f"shared incr, {hosts} process(es): {rate:,.0f} ops/s, {cost:,.1f} client CPU µs/op")
+    for side in ("shared", "redis-py"):
+        cost = statistics.median(CPU_PER_OP[side, 2])
+        print(f"{side}, 2 processes: {cost:,.1f} client CPU µs per operation")
     print(f"shared incr / redis-py INCR = {incr_ratio:.2f}x (target >= 1.0x)")
     print(f"Redis GET / local read = {read_ratio:,.0f}x (target >= 50x)")
     return 0
