@@ -422,3 +422,24 @@ def test_an_idle_connection_is_not_taken_for_a_lost_one(mpnet, redis_server, pro
         time.sleep(7)  # the condition under test is the idle time itself
         assert client.ask("incr n") == "1"
     assert "lost" not in server.log, server.log
+
+
+def test_a_table_key_clobbered_by_another_program_is_a_clear_error(
+    mpnet, redis_server, probe_module
+):
+    redis = redis_server()
+    server = mpnet(redis_config(["probe"], redis.url, module_paths=[probe_module], probe_ports=[0]))
+    with LineClient(server.port("probe")) as client:
+        assert client.ask("set k 1") == "ok"
+        assert redis.call("DEL", "mpnet:t:probe") == b":1\r\n"
+        assert redis.call("SET", "mpnet:t:probe", "not a hash") == b"+OK\r\n"
+        answer = client.ask("set k 2")
+        assert answer == (
+            "error SharedError: set: the Redis key of this table is not a hash "
+            "(another program's key?)"
+        )
+        assert client.ask("incr n").startswith("error SharedError: incr: the Redis key")
+        server.wait_log(r"redis: set on table 'probe' refused: .*WRONGTYPE")
+        assert redis.call("DEL", "mpnet:t:probe") == b":1\r\n"
+        assert client.ask("set k 3") == "ok"
+        assert client.ask("get k") == "3"

@@ -406,6 +406,7 @@ class RedisSharedState:
                 if not isinstance(reply, SharedError):
                     log.error("redis: %s on table %r refused: %s", op, table, reply)
                     reply = SharedError(error_message(op, args[0] if args else None, str(reply)))
+                    self._unpend(table, op, args)
                 _fail(future, reply)
             else:
                 future.set_result(None)
@@ -426,6 +427,20 @@ class RedisSharedState:
             on_reply,
         )
         return future
+
+    def _unpend(self, table: str, op: str, args: list[Any]) -> None:
+        """A write Redis refused will never be echoed: stop waiting for its echo, so changes
+        from elsewhere reach the replica again."""
+        replica = self.table(table)._replica
+        if op == "clear":
+            replica.clears = max(0, replica.clears - 1)
+            return
+        for key in list(args[0]) if op == "update" else [args[0]]:
+            count = replica.pending.get(key, 0) - 1
+            if count > 0:
+                replica.pending[key] = count
+            else:
+                replica.pending.pop(key, None)
 
     def _on_write_reply(self, reply: Reply) -> None:
         if isinstance(reply, BaseException) and not isinstance(reply, SharedError):
