@@ -17,7 +17,9 @@ in each round, the sides interleaved (their order rotating):
    client CPU time per operation (one 2-core machine cannot show a speed-up; the figure to read
    is that the cost per operation stays flat as hosts are added, although each host applies
    every other host's changes to its replica);
-4. **local read vs Redis GET**: ``table["k"]`` on the replica against ``await r.get("k")``
+4. **cas**: 4 tasks adding 1 to one counter by compare-and-swap, retrying on conflict: the
+   shared table's ``cas`` (one Lua script) against redis-py ``WATCH``/``GET``/``MULTI``/``EXEC``;
+5. **local read vs Redis GET**: ``table["k"]`` on the replica against ``await r.get("k")``
    (sequential round trips), ns per operation, in one process.
 
 Prints medians (and range) per side and the ratios against the targets: shared incr >= 1.0x
@@ -176,6 +178,55 @@ async def reads(url: str, count: int) -> tuple[float, float]:
     return local, remote
 
 
+async def cas_rates(url: str, seconds: float, tasks: int) -> tuple[float, float]:
+    """(shared ``cas`` increments/s, redis-py WATCH/MULTI/EXEC increments/s): *tasks* tasks in
+    one process each add 1 to one counter by compare-and-swap, retrying on conflict."""
+    import redis.asyncio as aioredis
+    from redis.exceptions import WatchError
+
+    from mpnet.workers.redis_shared import RedisSharedState
+
+    state = RedisSharedState(url, "bench:", 5.0)
+    await state.start()
+    table = state.table("cas")
+    await table.set("c", 0)
+    done = 0
+
+    async def shared_one(deadline: float) -> None:
+        nonlocal done
+        while time.monotonic() < deadline:
+            current = table.get("c", 0)
+            if await table.cas("c", current, current + 1):
+                done += 1
+
+    deadline = time.monotonic() + seconds
+    await asyncio.gather(*(shared_one(deadline) for _ in range(tasks)))
+    shared = done / seconds
+    await state.close()
+    client = aioredis.Redis.from_url(url, max_connections=tasks)
+    await client.set("bench:cas", 0)
+    done = 0
+
+    async def watch_one(deadline: float) -> None:
+        nonlocal done
+        async with client.pipeline() as pipe:
+            while time.monotonic() < deadline:
+                try:
+                    await pipe.watch("bench:cas")
+                    current = int(await pipe.get("bench:cas"))
+                    pipe.multi()
+                    pipe.set("bench:cas", current + 1)
+                    await pipe.execute()
+                    done += 1
+                except WatchError:
+                    continue
+
+    deadline = time.monotonic() + seconds
+    await asyncio.gather(*(watch_one(deadline) for _ in range(tasks)))
+    await client.aclose()
+    return shared, done / seconds
+
+
 def summary(values: list[float]) -> str:
     return f"{statistics.median(values):,.0f} (range {min(values):,.0f}-{max(values):,.0f})"
 
@@ -197,12 +248,16 @@ def main() -> int:
             rates: dict[str, list[float]] = {"shared": [], "redis-py": []}
             local_ns, get_ns = [], []
             scaling: dict[int, list[float]] = {}
+            cas: dict[str, list[float]] = {"shared": [], "WATCH": []}
             for round_ in range(args.rounds):
                 sides = ["shared", "redis-py"]
                 if round_ % 2:
                     sides.reverse()
                 for side in sides:
                     rates[side].append(processes(side, url, args.tasks, args.seconds))
+                shared_cas, watch_cas = run_loop(cas_rates, url, args.seconds, 4)
+                cas["shared"].append(shared_cas)
+                cas["WATCH"].append(watch_cas)
                 local, remote = run_loop(reads, url, args.reads)
                 local_ns.append(local)
                 get_ns.append(remote)
@@ -231,6 +286,10 @@ def main() -> int:
     for side in ("shared", "redis-py"):
         cost = statistics.median(CPU_PER_OP[side, 2])
         print(f"{side}, 2 processes: {cost:,.1f} client CPU µs per operation")
+    print(
+        f"cas increments, 4 tasks on one counter: shared (Lua) {summary(cas['shared'])}/s, "
+        f"redis-py WATCH/MULTI/EXEC {summary(cas['WATCH'])}/s"
+    )
     print(f"shared incr / redis-py INCR = {incr_ratio:.2f}x (target >= 1.0x)")
     print(f"Redis GET / local read = {read_ratio:,.0f}x (target >= 50x)")
     return 0
