@@ -14,7 +14,9 @@ from mpnet.pure.redisshared import (
     BroadcastMessage,
     Change,
     Keys,
+    ScriptCall,
     atomic_answer,
+    command,
     decode_event,
     decode_key,
     decode_value,
@@ -156,3 +158,10 @@ def test_config_keys():
         parse('redis_url = "localhost:6379"\n')
     with pytest.raises(ConfigError, match="key 'redis_timeout'"):
         parse("redis_timeout = 0\n")
+
+
+def test_commands_are_resp_multibulk():
+    assert command("SET", b"k", 5) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\n5\r\n"
+    call = ScriptCall(b"abc", Keys("p:"), b"o", "t", "incr")
+    fixed = ["EVALSHA", b"abc", 2, "p:t:t", "p:seq", "p:events", b"o", "t", "incr"]
+    assert call.command([b"f", 3]) == command(*fixed, b"f", 3)

@@ -46,8 +46,10 @@ from mpnet.pure.redisshared import (
     SCRIPTS,
     BroadcastMessage,
     Keys,
+    ScriptCall,
     atomic_answer,
     atomic_args,
+    command,
     decode_event,
     decode_key,
     decode_value,
@@ -148,6 +150,7 @@ class RedisSharedState:
         self._cmd: Any = None  # redis-py asyncio Connection, pipelined
         self._sub: Any = None  # redis-py asyncio Connection, subscribed to the events channel
         self._shas: dict[str, bytes] = {}
+        self._calls: dict[tuple[str, str], ScriptCall] = {}  # (table, op) -> encoded prefix
         self._outbox: list[bytes] = []
         self._waiting: deque[list[Any]] = deque()  # [on_reply, sent at, followers]
         self._flush_scheduled = False
@@ -180,7 +183,8 @@ class RedisSharedState:
             raise TypeError("broadcast topics are strings")
         check_plain(payload)
         self._command(
-            ("PUBLISH", self.keys.events, encode_broadcast(topic, payload)), self._on_write_reply
+            command("PUBLISH", self.keys.events, encode_broadcast(topic, payload)),
+            self._on_write_reply,
         )
 
     def hook(self, topic: str, handler: Callable[[Any], Any], owner: str = "") -> None:
@@ -213,7 +217,7 @@ class RedisSharedState:
             else:
                 self._when_seen(int(reply or 0), future, None)
 
-        self._command(("GET", self.keys.seq), on_reply)
+        self._command(command("GET", self.keys.seq), on_reply)
         self._sync_pending = future
         return future
 
@@ -372,12 +376,20 @@ class RedisSharedState:
 
     # -- sending ------------------------------------------------------------------------------
 
-    def _command(self, args: tuple[Any, ...], on_reply: Callable[[Reply], None]) -> None:
+    def _script(self, table: str, op: str, origin: bytes) -> ScriptCall:
+        call = self._calls.get((table, op))
+        if call is None:
+            script = "write" if origin else op
+            call = ScriptCall(self._shas[script], self.keys, origin, table, op)
+            self._calls[table, op] = call
+        return call
+
+    def _command(self, packed: bytes, on_reply: Callable[[Reply], None]) -> None:
         """Queue a command for this loop pass's write (raises SharedUnavailable if Redis is
         unreachable: the caller learns at the call)."""
         if self._unavailable is not None:
             raise SharedUnavailable(self._unavailable)
-        self._outbox.extend(self._cmd.pack_command(*args))
+        self._outbox.append(packed)
         self._waiting.append([on_reply, time.monotonic(), None])
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -411,21 +423,7 @@ class RedisSharedState:
             else:
                 future.set_result(None)
 
-        self._command(
-            (
-                "EVALSHA",
-                self._shas["write"],
-                2,
-                self.keys.table(table),
-                self.keys.seq,
-                self.keys.events,
-                self.origin,
-                table,
-                op,
-                *encoded,
-            ),
-            on_reply,
-        )
+        self._command(self._script(table, op, self.origin).command(encoded), on_reply)
         return future
 
     def _unpend(self, table: str, op: str, args: list[Any]) -> None:
@@ -467,21 +465,7 @@ class RedisSharedState:
             self._when_seen(seq, future, answer)
 
         try:
-            self._command(
-                (
-                    "EVALSHA",
-                    self._shas[op],
-                    2,
-                    self.keys.table(table),
-                    self.keys.seq,
-                    self.keys.events,
-                    b"",
-                    table,
-                    op,
-                    *encoded,
-                ),
-                on_reply,
-            )
+            self._command(self._script(table, op, b"").command(encoded), on_reply)
         except SharedUnavailable as exc:
             future.set_exception(exc)
         return future
@@ -634,7 +618,7 @@ class RedisSharedState:
                 elif now - self._sub_heard > self.timeout:
                     self._lost(f"the events subscription was silent for {self.timeout:g}s")
                 elif now - self._sub_heard > interval and self._sub is not None:
-                    task = asyncio.ensure_future(_send(self._sub, self._sub.pack_command("PING")))
+                    task = asyncio.ensure_future(_send(self._sub, [command("PING")]))
                     self._tasks.add(task)
                     task.add_done_callback(self._sent)
                 continue
