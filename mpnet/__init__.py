@@ -31,13 +31,14 @@ _PUBLIC = {
     "Module": "mpnet.workers.module",
     "ModuleError": "mpnet.workers.provider",
     "SharedError": "mpnet.pure.replica",
+    "SharedUnavailable": "mpnet.pure.replica",
     "SharedValueTooLarge": "mpnet.pure.replica",
     "SharedTable": "mpnet.workers.shared",
 }
 
 if TYPE_CHECKING:
     from .pure.config import ConfigError
-    from .pure.replica import SharedError, SharedValueTooLarge
+    from .pure.replica import SharedError, SharedUnavailable, SharedValueTooLarge
     from .workers.connection import Connection
     from .workers.module import Module
     from .workers.provider import Listener, ModuleError
@@ -51,6 +52,7 @@ __all__ = [
     "ModuleError",
     "SharedError",
     "SharedTable",
+    "SharedUnavailable",
     "SharedValueTooLarge",
     "__version__",
 ]

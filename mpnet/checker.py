@@ -51,6 +51,10 @@ def _child(config: Config, write_fd: int) -> None:
             "services": loaded.describe(),
             "modules": [module.name for module in loaded.modules],
         }
+        if config["shared_backend"] == "redis":
+            from mpnet.workers.redis_shared import probe
+
+            result["redis"] = probe(config)
     except (ModuleError, ConfigError) as exc:
         result = {"ok": False, "error": str(exc)}
     except BaseException as exc:

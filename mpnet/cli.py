@@ -97,6 +97,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                     "modules": report["modules"],
                     "services": {p.service: [str(e) for e in p.endpoints] for p in plans},
                     "running": {"pid": running.pid, "endpoints": ours} if running else None,
+                    "redis": report.get("redis"),
                 }
             )
         )
@@ -106,6 +107,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"  {line}")
     if running and ours:
         print(f"  {', '.join(ours)}: in use by the running mpnet (pid {running.pid})")
+    if report.get("redis"):
+        print(f"  shared tables on Redis: {report['redis']}")
     return 0
 
 

@@ -59,3 +59,10 @@ def write_module(tmp_path: Path) -> Callable[[str, str], Path]:
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     harness.SERVER_TEST[0] = item.get_closest_marker("server") is not None
+
+
+@pytest.fixture(autouse=True)
+def _close_leftover_clients() -> Iterator[None]:
+    yield
+    for client in list(harness.OPEN_CLIENTS):
+        client.close()

@@ -50,6 +50,12 @@ def wait_for(condition: Callable[[], Any], timeout: float = DEADLINE, what: str 
         time.sleep(0.02)
 
 
+OPEN_CLIENTS: set[Client] = set()
+"""Clients a test opened and has not closed: conftest closes them after each test, so a leaked
+socket is not reported (as a ResourceWarning, an error here) in whatever test runs at the next
+garbage collection."""
+
+
 class Client:
     """A blocking TCP client with a deadline on every read."""
 
@@ -57,6 +63,7 @@ class Client:
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.buffer = b""
         self.timeout = timeout
+        OPEN_CLIENTS.add(self)
 
     def send(self, data: bytes | str) -> None:
         self.sock.sendall(data.encode() if isinstance(data, str) else data)
@@ -113,6 +120,7 @@ class Client:
 
     def close(self) -> None:
         self.sock.close()
+        OPEN_CLIENTS.discard(self)
 
     def __enter__(self) -> Client:
         return self
@@ -544,3 +552,83 @@ def resp_outcome(chunks: list[bytes], **limits: int) -> tuple[list[list[bytes]],
     except RespProtocolError as exc:
         return commands, str(exc)
     return commands, None
+
+
+WELCOME = re.compile(rb"\* welcome, you are (guest\d+);")  # the chat module's greeting
+
+
+def command(*args: bytes | str | int) -> bytes:
+    """One multibulk request."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+class RespClient(Client):
+    """A raw client that reads one whole reply at a time, as the exact bytes."""
+
+    def reply(self) -> bytes:
+        line = self.read_until(b"\r\n")
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"$" and rest != b"-1":
+            return line + self.read_exactly(int(rest) + 2)
+        if kind in (b"*", b"%") and not rest.startswith(b"-"):
+            count = int(rest) * (2 if kind == b"%" else 1)
+            return line + b"".join(self.reply() for _ in range(count))
+        return line
+
+    def call(self, *args: bytes | str | int) -> bytes:
+        self.send(command(*args))
+        return self.reply()
+
+    def pid(self) -> int:
+        info = self.call("INFO")
+        return int(re.search(rb"process_id:(\d+)", info).group(1))
+
+
+def clients_on_distinct_workers(port: int, count: int) -> list[RespClient]:
+    found: dict[int, RespClient] = {}
+
+    def attempt() -> bool:
+        client = RespClient(port)
+        pid = client.pid()
+        if pid in found:
+            client.close()
+        else:
+            found[pid] = client
+        return len(found) >= count
+
+    wait_for(attempt, what=f"kv connections on {count} workers")
+    return list(found.values())
+
+
+def make_cert(directory: Path, name: str = "server", cn: str = "localhost") -> tuple[Path, Path]:
+    """A self-signed EC certificate for localhost/127.0.0.1: (certificate, key)."""
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "ec", "-nodes"),
+            *("-pkeyopt", "ec_paramgen_curve:prime256v1"),
+            *("-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={cn}"),
+            *("-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return cert, key
+
+
+def ssl_table(cert: Path, key: Path) -> str:
+    return f'{{ certificate = "{cert}", key = "{key}" }}'
+
+
+def tls_client(port: int, cafile: Path, context: ssl.SSLContext | None = None) -> Client:
+    """A harness Client whose socket is wrapped in TLS (verified against *cafile*)."""
+    if context is None:
+        context = ssl.create_default_context(cafile=str(cafile))
+    client = Client(port)
+    client.sock = context.wrap_socket(client.sock, server_hostname="localhost")
+    return client

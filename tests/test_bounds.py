@@ -19,9 +19,17 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
-from harness import Client, Server, config, wait_for
-from test_kv import RespClient, command
-from test_transport_tls import make_cert, ssl_table, tls_client
+from harness import (
+    Client,
+    RespClient,
+    Server,
+    command,
+    config,
+    make_cert,
+    ssl_table,
+    tls_client,
+    wait_for,
+)
 
 from mpnet.health import Health
 from mpnet.master import BACKOFF_MAX, BACKOFF_MAX_SERVING, Master

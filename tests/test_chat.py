@@ -10,11 +10,9 @@ import struct
 import threading
 
 import pytest
-from harness import Client, config, wait_for
+from harness import WELCOME, Client, config, wait_for
 
 pytestmark = pytest.mark.server
-
-WELCOME = re.compile(rb"\* welcome, you are (guest\d+);")
 
 
 class ChatClient(Client):
@@ -72,7 +70,7 @@ def _chat_config(workers: int = 2, **chat_options) -> str:
     return text
 
 
-def _clients_on_distinct_workers(server, port: int, count: int) -> list[ChatClient]:
+def clients_on_distinct_workers(server, port: int, count: int) -> list[ChatClient]:
     """One client on each of *count* worker slots (extra connections are closed)."""
     chosen: dict[int, ChatClient] = {}
 
@@ -97,7 +95,7 @@ class Room:
         self.clients: list[ChatClient] = []
 
     def on_workers(self, count: int) -> list[ChatClient]:
-        found = _clients_on_distinct_workers(self.server, self.port, count)
+        found = clients_on_distinct_workers(self.server, self.port, count)
         self.clients.extend(found)
         return found
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import redis
-from harness import Client, config, wait_for
+from harness import Client, RespClient, clients_on_distinct_workers, command, config, wait_for
 
 pytestmark = pytest.mark.server
 
@@ -26,37 +26,6 @@ needs_benchmark = pytest.mark.skipif(
 )
 
 
-def command(*args: bytes | str | int) -> bytes:
-    """One multibulk request."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
-
-
-class RespClient(Client):
-    """A raw client that reads one whole reply at a time, as the exact bytes."""
-
-    def reply(self) -> bytes:
-        line = self.read_until(b"\r\n")
-        kind, rest = line[:1], line[1:-2]
-        if kind == b"$" and rest != b"-1":
-            return line + self.read_exactly(int(rest) + 2)
-        if kind in (b"*", b"%") and not rest.startswith(b"-"):
-            count = int(rest) * (2 if kind == b"%" else 1)
-            return line + b"".join(self.reply() for _ in range(count))
-        return line
-
-    def call(self, *args: bytes | str | int) -> bytes:
-        self.send(command(*args))
-        return self.reply()
-
-    def pid(self) -> int:
-        info = self.call("INFO")
-        return int(re.search(rb"process_id:(\d+)", info).group(1))
-
-
 @pytest.fixture
 def kv(mpnet):
     """``kv(workers=1, **keys)`` -> (server, port)."""
@@ -66,22 +35,6 @@ def kv(mpnet):
         return server, server.port("kv")
 
     return start
-
-
-def _clients_on_distinct_workers(port: int, count: int) -> list[RespClient]:
-    found: dict[int, RespClient] = {}
-
-    def attempt() -> bool:
-        client = RespClient(port)
-        pid = client.pid()
-        if pid in found:
-            client.close()
-        else:
-            found[pid] = client
-        return len(found) >= count
-
-    wait_for(attempt, what=f"kv connections on {count} workers")
-    return list(found.values())
 
 
 # -- exact replies through a raw socket --------------------------------------------------------
@@ -310,7 +263,7 @@ def test_random_garbage_never_takes_a_worker_down(kv):
 
 def test_incr_is_exact_across_workers(kv):
     _, port = kv(workers=2)
-    clients = _clients_on_distinct_workers(port, 2)
+    clients = clients_on_distinct_workers(port, 2)
     clients += [RespClient(port) for _ in range(2)]
     per_client = 1000
 
@@ -337,7 +290,7 @@ def test_incr_is_exact_across_workers(kv):
 
 def test_expired_key_set_again_elsewhere_is_not_deleted_by_the_lazy_expiry(kv):
     _, port = kv(workers=2)
-    first, second = _clients_on_distinct_workers(port, 2)
+    first, second = clients_on_distinct_workers(port, 2)
     try:
         for round_ in range(20):
             key = f"race{round_}"
@@ -551,7 +504,7 @@ def test_expired_keys_are_swept_without_being_read(kv):
 
 def test_ttl_set_on_one_worker_is_seen_on_another(kv):
     _, port = kv(workers=2)
-    first, second = _clients_on_distinct_workers(port, 2)
+    first, second = clients_on_distinct_workers(port, 2)
     try:
         assert first.call("SET", "shared", "v", "EX", "100") == b"+OK\r\n"
         wait_for(lambda: second.call("TTL", "shared") == b":100\r\n")

@@ -13,8 +13,7 @@ from pathlib import Path
 import msgpack
 import psutil
 import pytest
-from harness import config, wait_for
-from test_kv import RespClient, _clients_on_distinct_workers, command
+from harness import RespClient, clients_on_distinct_workers, command, config, wait_for
 
 from mpnet.pure.frames import MAX_FRAME
 from mpnet.pure.messages import SharedWrite, to_wire
@@ -97,7 +96,7 @@ def test_a_set_acknowledged_on_one_worker_is_read_on_the_other(kv):
     # Attack: SET on one connection, then GET on another one served by the other worker;
     # before the fix 128 of 500 GETs answered nil.
     _, port = kv(workers=2)
-    first, second = _clients_on_distinct_workers(port, 2)
+    first, second = clients_on_distinct_workers(port, 2)
     stale = []
     try:
         for round_ in range(500):
@@ -119,7 +118,7 @@ def test_pipelined_acknowledged_sets_are_all_read_on_the_other_worker(kv):
     # Attack: pipelined SETs acknowledged on one worker, each batch read at once on the other
     # (before the fix, 55k of 100k GETs answered nil).
     _, port = kv(workers=2)
-    first, second = _clients_on_distinct_workers(port, 2)
+    first, second = clients_on_distinct_workers(port, 2)
     try:
         keys = [b"p%d" % i for i in range(20000)]
         missed = 0
@@ -140,7 +139,7 @@ def test_after_the_master_died_writes_are_errors_never_ok(kv):
     # kept none. Now every write answers an error naming the cause, and the workers stop.
     server, port = kv(workers=2, graceful_timeout=5)
     workers = server.worker_pids()
-    clients = _clients_on_distinct_workers(port, 2)
+    clients = clients_on_distinct_workers(port, 2)
     replies: list[bytes] = []
     try:
         for client in clients:
@@ -169,7 +168,7 @@ def test_a_write_near_the_frame_limit_is_refused_whole_and_kills_nobody(kv):
     # bytes longer: the master applied and journaled it, then killed the sender, and the other
     # worker never got it. Now the worker refuses it at the write; nothing is applied.
     server, port = kv(workers=2)
-    first, second = _clients_on_distinct_workers(port, 2)
+    first, second = clients_on_distinct_workers(port, 2)
     workers = server.worker_pids()
     try:
         small = 32 * 1024 * 1024

@@ -441,7 +441,7 @@ module.provides("net", listener=listener, default_port=0, encryption="ssl")
 def test_failed_tls_handshakes_are_counted_and_never_accepted(tmp_path: Path) -> None:
     import ssl
 
-    from test_transport_tls import make_cert, ssl_table
+    from harness import make_cert, ssl_table
 
     cert, key = make_cert(tmp_path)
     (tmp_path / "tlsecho.py").write_text(TLS_MODULE)

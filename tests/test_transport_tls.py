@@ -22,7 +22,16 @@ from typing import Any
 
 import pytest
 import uvloop
-from harness import BioClient, Client, config, wait_for, worker_status
+from harness import (
+    BioClient,
+    Client,
+    config,
+    make_cert,
+    ssl_table,
+    tls_client,
+    wait_for,
+    worker_status,
+)
 
 from mpnet.workers.tls import ServerHandshake
 
@@ -80,36 +89,6 @@ class listener:
         module.log("info", "ondisconnect %s %s", conn.id, err)
 module.provides("net", listener=listener, default_port=0)
 """
-
-
-def make_cert(directory: Path, name: str = "server", cn: str = "localhost") -> tuple[Path, Path]:
-    """A self-signed EC certificate for localhost/127.0.0.1: (certificate, key)."""
-    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-newkey", "ec", "-nodes"),
-            *("-pkeyopt", "ec_paramgen_curve:prime256v1"),
-            *("-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={cn}"),
-            *("-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    return cert, key
-
-
-def ssl_table(cert: Path, key: Path) -> str:
-    return f'{{ certificate = "{cert}", key = "{key}" }}'
-
-
-def tls_client(port: int, cafile: Path, context: ssl.SSLContext | None = None) -> Client:
-    """A harness Client whose socket is wrapped in TLS (verified against *cafile*)."""
-    if context is None:
-        context = ssl.create_default_context(cafile=str(cafile))
-    client = Client(port)
-    client.sock = context.wrap_socket(client.sock, server_hostname="localhost")
-    return client
 
 
 def small_window_client(port: int) -> Client:

@@ -166,11 +166,19 @@ class Worker:
             task.cancel()
         await self._shutdown(mode)
         self.send(self.metrics())  # the final figures, so a graceful stop loses none
+        close_shared = getattr(self.shared, "close", None)  # the Redis backend's connections
+        if close_shared is not None:
+            await close_shared()
         self.send(Stopped(self.served()))
         await self._flush_channel()
         return EXIT_OK
 
     async def _boot(self) -> None:
+        if self.config["shared_backend"] == "redis":  # else the master's tables (the default)
+            from .redis_shared import from_config
+
+            self.shared = from_config(self.config)  # type: ignore[assignment]
+            await self.shared.start()  # type: ignore[attr-defined]
         self.modules = load_modules(
             self.config, self.shared, before_run=lambda: become_service_user(self.config)
         )

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .redisurl import check_url
 from .trusted import parse_networks
 
 DEFAULT_CONFIG = """\
@@ -119,6 +120,16 @@ def _fsync(value: Any) -> str | None:
     return None if value in ("always", "everysec", "never") else '"always", "everysec" or "never"'
 
 
+def _shared_backend(value: Any) -> str | None:
+    return None if value in ("local", "redis") else '"local" or "redis"'
+
+
+def _redis_url(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return "a redis://, rediss:// or unix:// URL"
+    return check_url(value)
+
+
 def _table(value: Any) -> str | None:
     return None if isinstance(value, dict) else "a table"
 
@@ -193,6 +204,10 @@ GLOBAL_KEYS: dict[str, Key] = {
     "allow_root": Key(_bool, False),
     "state_file": Key(_string, None),
     "state_fsync": Key(_fsync, "everysec"),
+    "shared_backend": Key(_shared_backend, "local"),
+    "redis_url": Key(_redis_url, "redis://127.0.0.1:6379/0"),
+    "redis_prefix": Key(_string, "mpnet:"),
+    "redis_timeout": Key(lambda v: _seconds(v) if v != 0 else "more than 0 seconds", 5.0),
     "read_timeout": Key(_optional_seconds, 0, per_service=True),
     "send_timeout": Key(_optional_seconds, 0, per_service=True),
     "ssl_handshake_timeout": Key(_seconds, 60.0, per_service=True),

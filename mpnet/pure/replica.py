@@ -32,6 +32,12 @@ class SharedValueTooLarge(SharedError):
     the call, and nothing was sent or applied."""
 
 
+class SharedUnavailable(SharedError):
+    """The shared state cannot be reached (``shared_backend = "redis"`` and Redis is down or
+    not answering within ``redis_timeout``): the write, atomic or barrier was not done. Reads
+    still answer from the local replica; the worker reconnects on its own."""
+
+
 def check_key(key: Any) -> None:
     if type(key) not in KEY_TYPES:
         raise TypeError(

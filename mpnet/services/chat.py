@@ -13,9 +13,9 @@ Anything else goes to everyone as ``<nick> text`` (the sender included). Room ev
 
 How it spans workers: the room is the ``chat`` broadcast topic (every worker delivers each event
 to its own connections, all in the master's order), and the nicks live in the shared table
-``chat_nicks``: casefolded nick -> ``[nick, pid, process start time, connection id]``. Taking a
-nick is atomic in the master (``setdefault``, or ``cas`` to take over a stale entry), so two
-clients on two workers can never both get one. Releasing one (on /nick, /quit or disconnect) is
+``chat_nicks``: casefolded nick -> ``[nick, pid, process start time, connection id, host]``.
+Taking a nick is atomic in the master (``setdefault``, or ``cas`` to take over a stale entry), so
+two clients on two workers can never both get one. Releasing one (on /nick, /quit or disconnect) is
 ``delete_if`` on the exact entry, so it never removes a nick someone else holds by then.
 
 Stale nicks (a worker killed with SIGKILL cannot release its clients' nicks): an entry belongs to
@@ -44,6 +44,8 @@ if TYPE_CHECKING:  # the loader injects ``module``, as Prosody does; this is for
 
 import os
 import re
+import socket
+import time
 import traceback
 from typing import Any
 
@@ -76,11 +78,17 @@ def process_tag(pid: int) -> float | None:
 
 PID = os.getpid()
 STARTED = process_tag(PID)
+HOST = socket.gethostname()
+hosts = module.shared("chat_hosts")  # host -> wall-clock time its sweeper last ran
 
 
 def alive(entry: list[Any], cache: dict[int, float | None]) -> bool:
-    """Whether the process that took this nick entry still runs."""
+    """Whether the process that took this nick entry still runs. A process of another host
+    (shared_backend = "redis") cannot be looked at: its host counts as alive while its sweeper
+    has run within the last three sweep periods."""
     pid, started = entry[1], entry[2]
+    if len(entry) > 4 and entry[4] != HOST:
+        return hosts.get(entry[4], 0) > time.time() - 3 * STALE_SWEEP
     if pid == PID:
         return started == STARTED
     if pid not in cache:
@@ -119,10 +127,14 @@ def say(session: Session, line: str) -> None:
 # -- nicks --------------------------------------------------------------------------------------
 
 
+def entry_of(nick: str, conn: Any) -> list[Any]:
+    return [nick, PID, STARTED, conn.id, HOST]
+
+
 async def claim(session: Session, nick: str) -> bool:
     """Take *nick* for *session* atomically; True if it is ours now."""
     key = nick.casefold()
-    mine = [nick, PID, STARTED, session.conn.id]
+    mine = entry_of(nick, session.conn)
     while True:
         current = await nicks.setdefault(key, mine)
         if current == mine:
@@ -169,6 +181,7 @@ async def sweep_stale() -> None:
 
 async def sweeper() -> float:
     try:
+        hosts[HOST] = time.time()
         await sweep_stale()
     except Exception:
         module.log("error", "stale nick sweep failed:\n%s", traceback.format_exc())
@@ -244,7 +257,7 @@ async def handle_nick(session: Session, arg: str) -> None:
         say(session, f"! nick {arg} is already taken; choose another with /nick NAME\n")
         return
     previous = session.entry
-    session.entry = [arg, PID, STARTED, session.conn.id]
+    session.entry = entry_of(arg, session.conn)
     if previous is not None and previous[0].casefold() != arg.casefold():
         await nicks.delete_if(previous[0].casefold(), previous)
     session.nick = arg
@@ -308,7 +321,7 @@ class listener:
         session = Session(conn)
         sessions[conn] = session
         nick = await guest_nick(session)
-        session.entry = [nick, PID, STARTED, conn.id]
+        session.entry = entry_of(nick, conn)
         session.nick = nick
         say(session, f"* welcome, you are {nick}; /help lists the commands\n")
         module.log("info", "%s joined from %s:%d", nick, conn.ip(), conn.port())

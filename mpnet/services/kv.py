@@ -343,7 +343,7 @@ class Session:
                     reply = spec.handler(self, command)
                 except SharedValueTooLarge:
                     reply = E_TOO_BIG
-                except SharedError as exc:  # the channel to the master is gone
+                except SharedError as exc:  # the master or Redis is gone
                     reply = encode_error(f"ERR {exc}")
                 except Exception:  # a bug here must not leave the client waiting
                     module.log("error", "%s failed:\n%s", spec.name, traceback.format_exc())
