@@ -167,6 +167,17 @@ def test_a_write_acknowledged_on_one_host_is_read_on_the_other(mpnet, redis_serv
     assert a.ask("peek n") == "2"  # an atomic's answer counts once the replica shows it
 
 
+def test_kv_set_answered_on_one_host_is_read_by_get_on_the_other(mpnet, redis_server):
+    """kv answers +OK once the write is acknowledged and reads after a barrier: on the Redis
+    backend that holds across hosts (the issue's "SET on host A, GET on host B")."""
+    redis = redis_server()
+    hosts = two_hosts(mpnet, redis, ["kv"], kv_ports=[0])
+    with RespClient(hosts[0].port("kv")) as a, RespClient(hosts[1].port("kv")) as b:
+        for i in range(200):
+            assert a.call("SET", f"k{i % 5}", str(i)) == b"+OK\r\n"
+            assert b.call("GET", f"k{i % 5}") == b"$%d\r\n%d\r\n" % (len(str(i)), i)
+
+
 def test_a_host_started_later_starts_from_the_state_in_redis(mpnet, redis_server, probe_module):
     redis = redis_server()
     keys = {"module_paths": [probe_module], "probe_ports": [0]}
