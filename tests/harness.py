@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 
 from mpnet.controlclient import request as control_request
 from mpnet.pure.controlproto import StatusRequest
@@ -632,3 +634,41 @@ def tls_client(port: int, cafile: Path, context: ssl.SSLContext | None = None) -
     client = Client(port)
     client.sock = context.wrap_socket(client.sock, server_hostname="localhost")
     return client
+
+
+def run_in_private_netns(tmp_path: Path, script_template: str, timeout: float) -> Any:
+    """Run a Python script in a network namespace of its own (``unshare -n``; the test skips
+    unless root with unshare(1) and ip(8)); return the JSON object its last line prints.
+
+    The template gets ``tests``, ``directory`` (a fresh dir) and ``pidfile``; the script writes
+    mpnet's pid there, so mpnet (in a session of its own) is ended whatever happens."""
+
+    if shutil.which("unshare") is None or shutil.which("ip") is None or os.geteuid() != 0:
+        pytest.skip("needs root, unshare(1) and ip(8) for a private network namespace")
+    directory = tmp_path / "netns"
+    directory.mkdir()
+    pidfile = tmp_path / "mpnet.pid"
+    script = tmp_path / "netns_script.py"
+    script.write_text(
+        script_template.format(
+            tests=str(Path(__file__).parent), directory=str(directory), pidfile=str(pidfile)
+        )
+    )
+    proc = subprocess.Popen(
+        ["unshare", "-n", sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        if pidfile.exists():  # mpnet runs in a session of its own: end it whatever happened
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(int(pidfile.read_text()), signal.SIGKILL)
+    assert proc.returncode == 0, err
+    return json.loads(out.splitlines()[-1])

@@ -35,6 +35,7 @@ from harness import (
     connect_to_each_worker,
     mpnet_cli,
     raw_request,
+    run_in_private_netns,
     run_mpnet,
     settled,
     status,
@@ -574,35 +575,7 @@ print(json.dumps(results))
 def test_ttou_under_load_migrates_queued_connections(tmp_path):
     """In a network namespace of our own with net.ipv4.tcp_migrate_req = 1 (never the host's):
     removing slots while connections pour in resets none and keeps none waiting."""
-    if shutil.which("unshare") is None or shutil.which("ip") is None or os.geteuid() != 0:
-        pytest.skip("needs root, unshare(1) and ip(8) for a private network namespace")
-    directory = tmp_path / "netns"
-    directory.mkdir()
-    pidfile = tmp_path / "mpnet.pid"
-    script = tmp_path / "ttou.py"
-    script.write_text(
-        NETNS_SCRIPT.format(
-            tests=str(Path(__file__).parent), directory=str(directory), pidfile=str(pidfile)
-        )
-    )
-    proc = subprocess.Popen(
-        ["unshare", "-n", sys.executable, str(script)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-        if pidfile.exists():  # mpnet runs in a session of its own: end it whatever happened
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(int(pidfile.read_text()), signal.SIGKILL)
-    assert proc.returncode == 0, err
-    results = json.loads(out.splitlines()[-1])
+    results = run_in_private_netns(tmp_path, NETNS_SCRIPT, timeout=60)
     assert results["errors"] == []
     # Nobody waited behind a socket that no worker accepts on any more.
     assert results["slowest"] < 1.5, results

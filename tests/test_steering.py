@@ -8,22 +8,16 @@ server whose worker is stuck in a callback. Kernels that refuse the program skip
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import select
-import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from harness import DEADLINE, config, wait_for
+from harness import DEADLINE, config, run_in_private_netns, wait_for
 
 from mpnet import steering
 from mpnet.pure.config import ConfigError, parse_config
@@ -369,35 +363,7 @@ print(json.dumps({{
 def test_fewer_workers_under_connect_load_resets_nothing(tmp_path):
     """TTOU three times under connect load, in a network namespace of our own with
     net.ipv4.tcp_migrate_req = 0: steering drains each removed slot, so nothing is reset."""
-    if shutil.which("unshare") is None or shutil.which("ip") is None or os.geteuid() != 0:
-        pytest.skip("needs root, unshare(1) and ip(8) for a private network namespace")
-    directory = tmp_path / "netns"
-    directory.mkdir()
-    pidfile = tmp_path / "mpnet.pid"
-    script = tmp_path / "ttou.py"
-    script.write_text(
-        TTOU_SCRIPT.format(
-            tests=str(Path(__file__).parent), directory=str(directory), pidfile=str(pidfile)
-        )
-    )
-    proc = subprocess.Popen(
-        ["unshare", "-n", sys.executable, str(script)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-        if pidfile.exists():  # mpnet runs in a session of its own: end it whatever happened
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(int(pidfile.read_text()), signal.SIGKILL)
-    assert proc.returncode == 0, err
-    report = json.loads(out.splitlines()[-1])
+    report = run_in_private_netns(tmp_path, TTOU_SCRIPT, timeout=90)
     if report["steering_off"]:
         pytest.skip("the kernel refused the reuseport program")
     assert set(report["results"]) == {"ok"}, report["results"]

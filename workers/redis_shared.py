@@ -61,7 +61,7 @@ from mpnet.pure.redisurl import redacted
 from mpnet.pure.replica import Replica, SharedError, SharedUnavailable, apply_write, check_key
 from mpnet.pure.values import check_plain
 
-from .shared import SharedTable
+from .shared import SharedTable, run_hooks
 
 log = logging.getLogger("mpnet.redis")
 
@@ -556,19 +556,7 @@ class RedisSharedState:
                 future.set_result(answer)
 
     def _deliver(self, topic: str, payload: Any) -> None:
-        for handler, owner in self._hooks.get(topic, ()):
-            try:
-                result = handler(payload)
-                if asyncio.iscoroutine(result):
-                    task = asyncio.ensure_future(result)
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
-            except Exception:
-                logging.getLogger(f"mpnet.module.{owner or 'mpnet'}").exception(
-                    "hook for broadcast %r failed", topic
-                )
-
-    # -- losing Redis and getting it back ---------------------------------------------------
+        run_hooks(self._hooks.get(topic, ()), topic, payload, self._tasks)
 
     def _lost(self, reason: str) -> None:
         if self._unavailable is not None:

@@ -335,21 +335,31 @@ class SharedState:
             future.set_exception(SharedError(value))
 
     def _on_broadcast(self, message: BroadcastEvent) -> None:
-        topic, payload = message
-        for handler, owner in self._hooks.get(topic, ()):
-            try:
-                result = handler(payload)
-                if asyncio.iscoroutine(result):
-                    task = asyncio.ensure_future(result)
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
-            except Exception:
-                logging.getLogger(f"mpnet.module.{owner or 'mpnet'}").exception(
-                    "hook for broadcast %r failed", topic
-                )
+        run_hooks(self._hooks.get(message.topic, ()), message.topic, message.payload, self._tasks)
 
 
 def _fail(futures: Iterable[asyncio.Future[Any]], reason: str) -> None:
     for future in futures:
         if not future.done():
             future.set_exception(SharedError(reason))
+
+
+def run_hooks(
+    hooks: Iterable[tuple[Callable[[Any], Any], str]],
+    topic: str,
+    payload: Any,
+    tasks: set[asyncio.Task[Any]],
+) -> None:
+    """Run the ``module.hook`` handlers of a broadcast (either backend): a coroutine goes on
+    as a task kept in *tasks*; a handler that raises is logged under its module's name."""
+    for handler, owner in hooks:
+        try:
+            result = handler(payload)
+            if asyncio.iscoroutine(result):
+                task = asyncio.ensure_future(result)
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        except Exception:
+            logging.getLogger(f"mpnet.module.{owner or 'mpnet'}").exception(
+                "hook for broadcast %r failed", topic
+            )
