@@ -44,6 +44,21 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
+def send_pending(sock: socket.socket, outbox: bytearray) -> bool | None:
+    """Send what the socket takes now from *outbox* (what is sent is removed from it): True once
+    all of it is sent, None if the socket would block (call again when writable), False if the
+    peer is gone. The master never blocks on a client (control socket, metrics scrapes)."""
+    while outbox:
+        try:
+            sent = sock.send(outbox)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            return False
+        del outbox[:sent]
+    return True
+
+
 class _Client:
     def __init__(self, sock: socket.socket, deadline: float) -> None:
         self.sock = sock
@@ -202,15 +217,8 @@ class ControlServer:
         self.on_writable(client)
 
     def on_writable(self, client: _Client) -> None:
-        while client.outbox:
-            try:
-                sent = client.sock.send(client.outbox)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                break
-            del client.outbox[:sent]
-        self.drop(client)
+        if send_pending(client.sock, client.outbox) is not None:
+            self.drop(client)  # answered, or the peer is gone
 
     def expire(self) -> list[_Client]:
         """Drop clients that have not finished within the deadline."""

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .control import send_pending
 from .pure.httprequest import HttpError, RequestParser, route
 
 CLIENT_TIMEOUT = 10.0
@@ -159,15 +160,10 @@ class MetricsServer:
         self.on_writable(client)
 
     def on_writable(self, client: MetricsClient) -> None:
-        while client.outbox:
-            try:
-                sent = client.sock.send(client.outbox)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                break
-            del client.outbox[:sent]
-        else:
+        done = send_pending(client.sock, client.outbox)
+        if done is None:
+            return
+        if done:
             client.answered = True
             with contextlib.suppress(OSError):
                 client.sock.shutdown(socket.SHUT_WR)
