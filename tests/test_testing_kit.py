@@ -152,6 +152,22 @@ def test_read_timeout_runs_on_the_virtual_clock():
         assert c.closed and c.close_reason == "read timeout"
 
 
+def test_the_clock_starts_at_the_same_instant_in_every_run():
+    with load("echo") as first, load("echo") as second:
+        assert first.loop.time() == second.loop.time()
+
+
+def test_a_timer_due_at_the_sum_of_fractional_advances_runs_in_the_last_one():
+    with load("echo") as svc:
+        fired: list[float] = []
+        svc.loop.call_later(2.1, lambda: fired.append(svc.loop.time()))
+        svc.advance(0.7)
+        svc.advance(0.7)
+        assert not fired
+        svc.advance(0.7)  # 0.7 + 0.7 + 0.7 rounds just below 2.1 on this clock
+        assert len(fired) == 1
+
+
 def test_options_reach_get_option(tmp_path):
     path = tmp_path / "greeter.py"
     path.write_text(
