@@ -112,6 +112,14 @@ def print_status(status: dict[str, Any]) -> None:
         notes.append("reloading")
     if status.get("reload_failed"):
         notes.append(f"last reload failed: {status['reload_failed']['error']}")
+    shares = (status.get("steering") or {}).get("load_shares")
+    if shares:
+        total = sum(shares.values())
+        notes.append(
+            "new connections balanced by load ("
+            + ", ".join(f"slot {slot} {entries}/{total}" for slot, entries in shares.items())
+            + ")"
+        )
     print(
         f"mpnet pid {status['pid']}, up {_format_duration(status['uptime'])}, "
         f"generation {status['generation']}, {status['slots']} worker slot(s), {status['state']}"

@@ -54,7 +54,7 @@ from .pure.messages import ChannelError, from_wire
 from .pure.portplan import ServicePlan
 from .reload import Reloads
 from .shared import SharedMaster
-from .steering import Steering, healthy_slots
+from .steering import LOAD_HORIZON, ArrivalRate, Steering, healthy_slots, load_shares
 from .workers.worker import EXIT_BOOT_ERROR, Worker, uvloop, worker_process
 
 log = logging.getLogger("mpnet.master")
@@ -102,6 +102,8 @@ class Master:
         self.reloads = Reloads(self, self.ledger, reload_config)
         self.health = Health()
         self.steering = Steering()
+        self.load_shares: dict[int, int] | None = None  # slot -> jump-table entries, if skewed
+        self.arrivals = ArrivalRate()
         self.signal_queue: deque[int] = deque()
         self.selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
@@ -287,7 +289,18 @@ class Master:
             return
         stall_timeout = float(self.config["stall_timeout"])
         healthy = healthy_slots(self.workers.values(), self.slots, stall_timeout, now)
-        self.steering.update(self.ledger.bindings.values(), healthy)
+        held = dict.fromkeys(healthy, 0)
+        for handle in self.workers.values():
+            if handle.slot in held and handle.state == "ready" and handle.accepting:
+                held[handle.slot] += handle.connections
+        served = {handle.pid: handle.served for handle in self.workers.values()}
+        arriving = self.arrivals.update(served, now) * LOAD_HORIZON
+        margin = int(self.config["load_margin"])
+        shares = load_shares(held, arriving, margin, self.load_shares is not None)
+        if (shares is None) != (self.load_shares is None):
+            log.debug("new connections %s", f"shared out by load: {shares}" if shares else "even")
+        self.load_shares = shares
+        self.steering.update(self.ledger.bindings.values(), healthy, shares)
         self.steering.keep_drains_below(self.slots)
 
     def _watch_files(self) -> None:
@@ -929,6 +942,10 @@ class Master:
             "uptime": time.time() - self.started_at,
             "config": self.config.path,
             "workers": workers,
+            "steering": {
+                "available": self.steering.available,
+                "load_shares": {str(slot): n for slot, n in (self.load_shares or {}).items()},
+            },
             "services": services,
             "metrics_endpoints": self.metrics_server.endpoints() if self.metrics_server else [],
             "metrics": to_json(self.metric_families()),

@@ -23,8 +23,15 @@ added back (``TTIN``) while a stuck retired worker still holds the old socket: u
 exits, the new slot's position is off by one, and some connections go where the kernel's hash
 would have sent them without steering: to the stuck worker's socket.
 
-Pure parts (:func:`build_program`, :class:`GroupOrder`, :func:`healthy_slots`) are testable
-without a server; :class:`Steering` is the only part that touches sockets.
+The same program also balances by load: when one healthy worker holds many more connections than
+another (after churn, or beside a fresh replacement), the jump table repeats the positions of the
+less busy ones (:func:`load_shares`), so they get more of the new connections until the gap closes.
+Long-lived connections (chat, XMPP) otherwise keep the imbalance that churn left, since the hash
+spreads new connections evenly whatever each worker already holds.
+
+Pure parts (:func:`build_program`, :class:`GroupOrder`, :func:`healthy_slots`,
+:func:`load_shares`) are testable without a server; :class:`Steering` is the only part that
+touches sockets.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import contextlib
 import ctypes
 import errno
 import logging
+import math
 import socket
 import struct
 import time
@@ -54,6 +62,12 @@ BPF_RET_A = 0x06 | 0x10  # BPF_RET | BPF_A
 SKF_AD_OFF = -0x1000
 SKF_AD_RXHASH = 32
 BPF_MAXINSNS = 4096
+
+# Jump-table entries shared out by load: an entry is 1/32 of the new connections.
+LOAD_TABLE_ENTRIES = 32
+# Seconds of arrivals to plan for: the counts are a heartbeat old (a quarter of stall_timeout
+# by default), and the program stays until the next ones.
+LOAD_HORIZON = 0.5
 
 # TTOU: a removed slot's queue is empty for this long before its worker is told to stop (a
 # handshake the kernel began before the program changed may complete a moment later).
@@ -176,6 +190,61 @@ def healthy_slots(workers: Iterable[Any], slots: int, stall_timeout: float, now:
     return healthy
 
 
+def load_shares(
+    connections: dict[int, int], arriving: float, margin: int, skewed: bool
+) -> dict[int, int] | None:
+    """How many of :data:`LOAD_TABLE_ENTRIES` jump-table entries each slot gets, by the
+    *connections* each slot holds; None: an even spread (the kernel's hash).
+
+    Balancing starts when the busiest slot holds more than *margin* connections above the least
+    busy one and, once *skewed*, stops when the gap is back within half of it (the counts come
+    with heartbeats, so they lag; the hysteresis keeps the program from flapping). The
+    *arriving* connections expected before the counts are fresh again are poured into the
+    least busy slots, water-filling: a trickle all goes to the lightest, a burst (a reconnect
+    storm) fills the gap and the rest is spread, so the program does not overshoot by sending a
+    whole storm to one worker. Every slot keeps at least one entry. *margin* 0: off.
+    """
+    if margin <= 0 or len(connections) < 2:
+        return None
+    held = sorted(connections.values())
+    if held[-1] - held[0] <= (margin // 2 if skewed else margin):
+        return None
+    remaining, level = max(1.0, arriving), float(held[0])
+    for filled in range(1, len(held) + 1):
+        ceiling = held[filled] if filled < len(held) else math.inf
+        room = (ceiling - level) * filled
+        if room >= remaining:
+            level += remaining / filled
+            break
+        remaining -= room
+        level = ceiling
+    poured = {slot: max(0.0, level - count) for slot, count in connections.items()}
+    total = sum(poured.values())
+    return {
+        slot: max(1, round(LOAD_TABLE_ENTRIES * amount / total)) for slot, amount in poured.items()
+    }
+
+
+class ArrivalRate:
+    """New connections per second across the workers, smoothed over :data:`LOAD_HORIZON`, from
+    the ``served`` totals their heartbeats report (a replacement worker starts from zero)."""
+
+    def __init__(self) -> None:
+        self.per_second = 0.0
+        self._served: dict[int, int] = {}
+        self._at: float | None = None
+
+    def update(self, served: dict[int, int], now: float) -> float:
+        """*served*: worker pid -> connections it accepted so far."""
+        new = sum(count - self._served.get(pid, 0) for pid, count in served.items())
+        if self._at is not None and now > self._at:
+            elapsed = now - self._at
+            weight = min(1.0, elapsed / LOAD_HORIZON)
+            self.per_second += weight * (max(0, new) / elapsed - self.per_second)
+        self._served, self._at = dict(served), now
+        return self.per_second
+
+
 def queued(sock: socket.socket) -> int:
     """Connections waiting in a listening socket's accept queue (``tcpi_unacked`` of a
     listener is its ``sk_ack_backlog``); 0 if it cannot be read."""
@@ -208,9 +277,13 @@ class Steering:
         self._probed = False
         self._draining: dict[int, tuple[float, float]] = {}  # slot -> (steered at, quiet since)
 
-    def update(self, bindings: Iterable[Any], healthy: set[int]) -> None:
-        """Attach, to every group, a program choosing only sockets of *healthy* slots; detach
-        when every slot is healthy or none is (the kernel's hash: as without steering)."""
+    def update(
+        self, bindings: Iterable[Any], healthy: set[int], shares: dict[int, int] | None = None
+    ) -> None:
+        """Attach, to every group, a program choosing only sockets of *healthy* slots, each as
+        often as its entry in *shares* says (:func:`load_shares`; None: evenly); detach when every
+        slot is healthy and evenly chosen, or none is healthy (the kernel's hash: as without
+        steering)."""
         seen = set()
         for binding in bindings:
             if binding.adopted:
@@ -227,14 +300,17 @@ class Steering:
             if group is None or group.binding is not binding:
                 group = self._groups[id(binding)] = _Group(binding)
             group.order.sync(binding.sockets)
-            positions = tuple(
-                sorted(
-                    group.order.position(sock)
-                    for slot, sock in enumerate(binding.sockets)
-                    if slot in healthy
-                )
+            chosen = sorted(
+                (group.order.position(sock), slot)
+                for slot, sock in enumerate(binding.sockets)
+                if slot in healthy
             )
-            everyone = len(positions) == len(group.order.members)
+            everyone = len(chosen) == len(group.order.members) and shares is None
+            positions = tuple(
+                position
+                for position, slot in chosen
+                for _ in range(shares.get(slot, 1) if shares else 1)
+            )
             wanted = None if not positions or everyone else positions
             if wanted == group.attached:
                 continue

@@ -17,7 +17,15 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from harness import DEADLINE, config, run_in_private_netns, wait_for
+from harness import (
+    DEADLINE,
+    PID_MODULE,
+    config,
+    run_in_private_netns,
+    run_mpnet,
+    status,
+    wait_for,
+)
 
 from mpnet import steering
 from mpnet.pure.config import ConfigError, parse_config
@@ -70,6 +78,44 @@ def test_healthy_slots_are_ready_accepting_recent_and_wanted():
     ]
     assert steering.healthy_slots(workers, 4, 1.0, 100.5) == {0}
     assert steering.healthy_slots(workers, 4, 0, 100.5) == {0, 1}  # stall_timeout 0: off
+
+
+def test_load_shares_pour_new_connections_into_the_less_busy_past_the_margin():
+    assert steering.load_shares({0: 100, 1: 130}, 0, 64, skewed=False) is None  # within it
+    # A trickle: all to the lightest, the others keep one entry each.
+    assert steering.load_shares({0: 0, 1: 100, 2: 90}, 0, 20, skewed=False) == {0: 32, 1: 1, 2: 1}
+    # A burst of 300 expected: 100 fill the gap, the other 200 are spread evenly.
+    shares = steering.load_shares({0: 0, 1: 100}, 300, 20, skewed=False)
+    assert shares == {0: 21, 1: 11}
+    # Three slots, 60 arriving: they lift the two lightest to 50 (40 to slot 0, 20 to slot 1).
+    assert steering.load_shares({0: 10, 1: 30, 2: 200}, 60, 20, skewed=False) == {
+        0: 21,
+        1: 11,
+        2: 1,
+    }
+    # Hysteresis: once skewed, balancing goes on until the gap is within half the margin.
+    assert steering.load_shares({0: 80, 1: 100}, 0, 20, skewed=False) is None
+    assert steering.load_shares({0: 85, 1: 100}, 0, 20, skewed=True) is not None
+    assert steering.load_shares({0: 90, 1: 100}, 0, 20, skewed=True) is None
+    assert steering.load_shares({0: 0, 1: 1000}, 0, 0, skewed=False) is None  # margin 0: off
+    assert steering.load_shares({0: 1000}, 0, 20, skewed=False) is None  # one slot
+
+
+def test_arrival_rate_follows_served_totals_across_a_replaced_worker():
+    rate = steering.ArrivalRate()
+    assert rate.update({11: 0, 12: 0}, 100.0) == 0
+    assert rate.update({11: 60, 12: 40}, 101.0) == 100  # a whole horizon passed: the new rate
+    # pid 11 died (its total is gone, not counted negative); its replacement 13 accepted 20.
+    assert rate.update({12: 70, 13: 20}, 101.5) == 100
+    # Half a horizon without anything new: halfway down.
+    assert rate.update({12: 70, 13: 20}, 101.75) == 50
+
+
+def test_load_margin_is_a_count_of_connections():
+    assert _config("")["load_margin"] == 64
+    assert _config("load_margin = 0\n")["load_margin"] == 0
+    with pytest.raises(ConfigError, match=r"key 'load_margin': .*an integer \(0 or more\)"):
+        _config("load_margin = -1\n")
 
 
 def _config(text):
@@ -135,6 +181,14 @@ def test_kernel_picks_only_the_healthy_members(group):
     steering.detach(socks[0])
     seen = Counter(_which(socks, port) for _ in range(80))
     assert set(seen) == {0, 1, 2, 3}
+
+
+def test_kernel_follows_a_table_that_repeats_positions(group):
+    port, socks = group
+    steering.attach(socks[0], steering.build_program([0, 0, 0, 0, 0, 0, 0, 2]))
+    seen = Counter(_which(socks, port) for _ in range(80))
+    assert set(seen) <= {0, 2} and seen[0] > 3 * seen[2], seen  # 7 in 8 expected at 0
+    steering.detach(socks[0])
 
 
 def test_group_order_mirror_matches_the_kernel_after_close_and_add(group):
@@ -397,3 +451,55 @@ def test_reload_while_a_worker_is_stalled_keeps_every_connection(mpnet, write_mo
         assert stalled not in {c.pid for c in steered}
     finally:
         stalled_sock.close()
+
+
+def _greeted_pid(port: int) -> tuple[socket.socket, int]:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(64)
+        assert chunk, f"closed before the greeting (got {data!r})"
+        data += chunk
+    return sock, int(data)
+
+
+@pytest.mark.server
+def test_new_connections_go_mostly_to_the_worker_that_churn_left_lighter(mpnet, write_module):
+    """Long-lived connections, then every one of one worker's closes: without balancing the
+    hash would split the next ones evenly and keep the gap (about 100 here, rarely below 70).
+    With it the gap closes, give or take what arrives between two heartbeats (the counts'
+    lag): 25 connections at this pace."""
+    path = write_module("pid", PID_MODULE)
+    server = mpnet(config([str(path)], workers=2, load_margin=20, log_level="debug"))
+    port = server.port("pid")
+    held: dict[int, list[socket.socket]] = {pid: [] for pid in server.worker_pids()}
+    try:
+        for _ in range(200):
+            sock, pid = _greeted_pid(port)
+            held[pid].append(sock)
+        lighter, heavier = sorted(held, key=lambda pid: len(held[pid]))
+        for sock in held[lighter]:
+            sock.close()
+        held[lighter].clear()
+
+        def balancing() -> bool:
+            now = status(server)
+            slots = {w["pid"]: str(w["slot"]) for w in now["workers"]}
+            shares = now["steering"]["load_shares"]
+            return bool(shares) and shares[slots[lighter]] > shares[slots[heavier]]
+
+        wait_for(balancing, DEADLINE, "the master to see the gap and share out by load")
+        shown = run_mpnet(server.directory, "status", "-c", str(server.config_path))
+        assert "new connections balanced by load (slot" in shown.stdout, shown.stdout
+        began = time.monotonic()
+        for n in range(200):  # arriving over 2 s, as reconnecting clients would
+            time.sleep(max(0.0, began + n / 100 - time.monotonic()))  # pacing, not waiting
+            sock, pid = _greeted_pid(port)
+            held[pid].append(sock)
+        _skip_without_steering(server)
+        gap = len(held[heavier]) - len(held[lighter])
+        assert abs(gap) <= 50, {pid: len(socks) for pid, socks in held.items()}
+    finally:
+        for socks in held.values():
+            for sock in socks:
+                sock.close()

@@ -48,6 +48,12 @@ def _positive_int(value: Any) -> str | None:
     return None
 
 
+def _non_negative_int(value: Any) -> str | None:
+    if type(value) is not int or value < 0:
+        return "an integer (0 or more)"
+    return None
+
+
 def _workers(value: Any) -> str | None:
     if value == "auto" or (type(value) is int and 1 <= value <= 1024):
         return None
@@ -192,6 +198,7 @@ GLOBAL_KEYS: dict[str, Key] = {
     "quick_timeout": Key(_seconds, 5.0),
     "worker_timeout": Key(_seconds, 30.0),
     "stall_timeout": Key(_seconds, 1.0),
+    "load_margin": Key(_non_negative_int, 64),
     "boot_timeout": Key(_seconds, 60.0),
     "backlog": Key(_positive_int, 1024),
     "log_level": Key(_log_level, "info"),
