@@ -191,6 +191,8 @@ def test_a_write_acknowledged_on_one_host_is_read_on_the_other(mpnet, redis_serv
     assert b.ask("incr n") == "1"
     assert a.ask("incr n") == "2"
     assert a.ask("peek n") == "2"  # an atomic's answer counts once the replica shows it
+    a.close()  # open connections would make each host's graceful stop wait
+    b.close()
 
 
 def test_kv_set_answered_on_one_host_is_read_by_get_on_the_other(mpnet, redis_server):
@@ -280,6 +282,8 @@ def test_chat_room_and_nicks_span_hosts_in_one_order(mpnet, redis_server):
     seen = [said_lines(client, 80) for client in (alice, bob)]
     assert seen[0] == seen[1]
     assert sorted(seen[0]) == sorted([f"a{i}" for i in range(40)] + [f"b{i}" for i in range(40)])
+    alice.close()
+    bob.close()
 
 
 def test_redis_frozen_then_back_fails_atomics_in_bounded_time_and_recovers(
