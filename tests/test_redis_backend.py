@@ -13,6 +13,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -525,9 +526,11 @@ def test_status_says_the_redis_state_and_workers_start_during_an_outage(
             echo_ports=[0],
             workers=1,
             redis_timeout=2,
+            metrics_listen="127.0.0.1:0",
         )
     )
     port = server.port("probe")
+    metrics = int(server.wait_log(r"metrics on http://127\.0\.0\.1:(\d+)/metrics").group(1))
     with LineClient(port) as client:
         assert client.ask("set k 1") == "ok"
     wait_for(lambda: redis_states(server) == ["connected"], what="status: connected")
@@ -542,6 +545,10 @@ def test_status_says_the_redis_state_and_workers_start_during_an_outage(
     assert row["lost"] == 1 and row["error"] and row["for"] >= 0, row
     shown = mpnet_cli(server, "status").stdout
     assert re.search(r"redis: worker 0 \(pid \d+\) unavailable since [\d:]+ \(\d+s\): ", shown)
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as page:
+        text = page.read().decode()
+    assert 'mpnet_redis_workers{state="unavailable"} 1.0' in text, text
+    assert "mpnet_redis_connections_lost_total 1.0" in text
 
     result = mpnet_cli(server, "reload", "--wait")
     assert result.returncode == 0, result.stderr
