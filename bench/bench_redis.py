@@ -16,7 +16,12 @@ in each round, the sides interleaved (their order rotating):
 3. with ``--scaling``: shared incr with 1, 2 and 3 processes ("hosts"), total rate and time per
    client CPU time per operation (one 2-core machine cannot show a speed-up; the figure to read
    is that the cost per operation stays flat as hosts are added, although each host applies
-   every other host's changes to its replica);
+   every other host's changes to its replica); and **echo** with 1, 2 and 3 mpnet instances
+   (``mpnet serve``, Redis backend, 1 worker each, ``bench/echo_raw.py`` on its own port of
+   127.0.0.1), ``--echo-connections`` ping-pong connections of ``bench/loadgen`` (build it with
+   ``bench/build.sh``) spread evenly over the instances, one loadgen per instance at the same
+   time: total messages/s and server CPU µs per message (every mpnet process tree, and
+   redis-server, which echo does not touch);
 4. **cas**: 4 tasks adding 1 to one counter by compare-and-swap, retrying on conflict: the
    shared table's ``cas`` (one Lua script) against redis-py ``WATCH``/``GET``/``MULTI``/``EXEC``;
 5. **local read vs Redis GET**: ``table["k"]`` on the replica against ``await r.get("k")``
@@ -30,8 +35,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import multiprocessing
+import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -39,6 +48,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import psutil
 
 try:
     import uvloop
@@ -227,6 +238,125 @@ async def cas_rates(url: str, seconds: float, tasks: int) -> tuple[float, float]
     return shared, done / seconds
 
 
+BENCH_DIR = Path(__file__).resolve().parent
+ECHO_RAW = BENCH_DIR / "echo_raw.py"
+
+
+class EchoHost:
+    """One ``mpnet serve`` with the Redis backend and 1 worker serving bench/echo_raw.py: a
+    "host" of the echo scaling figure (its own port on 127.0.0.1), stopped by PID."""
+
+    def __init__(self, directory: str, url: str, index: int) -> None:
+        self.port = free_port()
+        config = Path(directory) / f"echo{index}.toml"
+        text = (
+            f"workers = 1\nmodules = [{json.dumps(str(ECHO_RAW))}]\n"
+            f'interfaces = ["127.0.0.1"]\necho_raw_ports = [{self.port}]\n'
+            f'shared_backend = "redis"\nredis_url = "{url}"\nredis_prefix = "bench:"\n'
+            f'control_socket = "echo{index}.sock"\n'
+        )
+        if os.geteuid() == 0:
+            text += "allow_root = true\n"
+        config.write_text(text)
+        self.log = open(Path(directory) / f"echo{index}.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mpnet", "serve", "-c", str(config)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 30
+        while not _accepts(self.port):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.stop()
+                sys.exit(f"mpnet did not start; see {self.log.name}")
+            time.sleep(0.05)
+
+    def cpu(self) -> float:
+        """CPU seconds of the master and its workers (reaped children included)."""
+        return _tree_cpu(self.proc.pid)
+
+    def stop(self) -> None:
+        pids = [self.proc.pid]
+        with contextlib.suppress(psutil.NoSuchProcess):
+            pids += [c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)]
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # quick stop
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self.log.close()
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _tree_cpu(pid: int) -> float:
+    total = 0.0
+    root = psutil.Process(pid)
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+ECHO: dict[int, list[tuple[float, float, float]]] = {}  # hosts -> (msgs/s, mpnet µs, redis µs)
+
+
+def echo_round(
+    hosts: list[EchoHost], redis_pid: int, loadgen: Path, connections: int, seconds: float
+) -> None:
+    """Echo on every instance of *hosts* at once, the connections split evenly."""
+    share = max(1, connections // len(hosts))
+    before = [host.cpu() for host in hosts], _tree_cpu(redis_pid)
+    runs = [
+        subprocess.Popen(
+            [
+                str(loadgen),
+                "echo",
+                "-p",
+                str(host.port),
+                "-c",
+                str(share),
+                "-s",
+                "64",
+                "-d",
+                str(seconds),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for host in hosts
+    ]
+    results = []
+    for run in runs:
+        out, err = run.communicate(timeout=seconds + 60)
+        if run.returncode != 0:
+            sys.exit(f"loadgen failed: {err.decode(errors='replace')}")
+        results.append(json.loads(out))
+    mpnet_cpu = sum(host.cpu() for host in hosts) - sum(before[0])
+    redis_cpu = _tree_cpu(redis_pid) - before[1]
+    messages = sum(int(r["messages"]) for r in results)
+    errors = sum(sum(int(v) for v in r.get("errors", {}).values()) for r in results)
+    if errors:
+        sys.exit(f"echo with {len(hosts)} instance(s): loadgen counted {errors} error(s)")
+    ECHO.setdefault(len(hosts), []).append(
+        (messages / seconds, mpnet_cpu * 1e6 / max(1, messages), redis_cpu * 1e6 / max(1, messages))
+    )
+
+
 def summary(values: list[float]) -> str:
     return f"{statistics.median(values):,.0f} (range {min(values):,.0f}-{max(values):,.0f})"
 
@@ -238,13 +368,23 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=50, help="concurrent tasks per process")
     parser.add_argument("--reads", type=int, default=200_000)
     parser.add_argument(
-        "--scaling", action="store_true", help="also shared incr with 1, 2 and 3 processes"
+        "--scaling",
+        action="store_true",
+        help="also shared incr with 1, 2 and 3 processes, and echo on 1, 2 and 3 mpnet instances",
     )
+    parser.add_argument("--echo-connections", type=int, default=48, help="spread over instances")
+    parser.add_argument("--loadgen", type=Path, default=BENCH_DIR / "loadgen")
     args = parser.parse_args()
+    if args.scaling and not args.loadgen.exists():
+        parser.error(f"{args.loadgen} not found: run bench/build.sh first")
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     with tempfile.TemporaryDirectory() as directory:
         proc, url = start_redis(directory)
+        echo_hosts: list[EchoHost] = []
         try:
+            if args.scaling:
+                for index in range(3):
+                    echo_hosts.append(EchoHost(directory, url, index))
             rates: dict[str, list[float]] = {"shared": [], "redis-py": []}
             local_ns, get_ns = [], []
             scaling: dict[int, list[float]] = {}
@@ -265,6 +405,15 @@ def main() -> int:
                     for hosts in (1, 2, 3):
                         rate = processes("shared", url, args.tasks, args.seconds, hosts)
                         scaling.setdefault(hosts, []).append(rate)
+                    order = [1, 2, 3] if round_ % 2 == 0 else [3, 2, 1]
+                    for hosts in order:
+                        echo_round(
+                            echo_hosts[:hosts],
+                            proc.pid,
+                            args.loadgen,
+                            args.echo_connections,
+                            args.seconds,
+                        )
                 print(
                     f"round {round_ + 1}: shared incr {rates['shared'][-1]:,.0f}/s, "
                     f"redis-py INCR {rates['redis-py'][-1]:,.0f}/s, local read {local:,.0f} ns, "
@@ -272,6 +421,8 @@ def main() -> int:
                     flush=True,
                 )
         finally:
+            for host in echo_hosts:
+                host.stop()
             proc.terminate()
             proc.wait(10)
     incr_ratio = statistics.median(rates["shared"]) / statistics.median(rates["redis-py"])
@@ -283,6 +434,14 @@ def main() -> int:
         rate = statistics.median(values)
         cost = statistics.median(CPU_PER_OP["shared", hosts])
         print(f"shared incr, {hosts} process(es): {rate:,.0f} ops/s, {cost:,.1f} client CPU µs/op")
+    for hosts, samples in sorted(ECHO.items()):
+        rate = statistics.median(s[0] for s in samples)
+        cost = statistics.median(s[1] for s in samples)
+        redis_cost = statistics.median(s[2] for s in samples)
+        print(
+            f"echo, {hosts} mpnet instance(s), {args.echo_connections} connections: "
+            f"{rate:,.0f} msgs/s, {cost:,.1f} server CPU µs/msg (redis-server {redis_cost:.2f})"
+        )
     for side in ("shared", "redis-py"):
         cost = statistics.median(CPU_PER_OP[side, 2])
         print(f"{side}, 2 processes: {cost:,.1f} client CPU µs per operation")

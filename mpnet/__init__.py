@@ -30,6 +30,7 @@ _PUBLIC = {
     "Listener": "mpnet.workers.provider",
     "Module": "mpnet.workers.module",
     "ModuleError": "mpnet.workers.provider",
+    "RESYNC": "mpnet.pure.replica",
     "SharedError": "mpnet.pure.replica",
     "SharedUnavailable": "mpnet.pure.replica",
     "SharedValueTooLarge": "mpnet.pure.replica",
@@ -38,13 +39,14 @@ _PUBLIC = {
 
 if TYPE_CHECKING:
     from .pure.config import ConfigError
-    from .pure.replica import SharedError, SharedUnavailable, SharedValueTooLarge
+    from .pure.replica import RESYNC, SharedError, SharedUnavailable, SharedValueTooLarge
     from .workers.connection import Connection
     from .workers.module import Module
     from .workers.provider import Listener, ModuleError
     from .workers.shared import SharedTable
 
 __all__ = [
+    "RESYNC",
     "ConfigError",
     "Connection",
     "Listener",

@@ -31,7 +31,7 @@ class CheckFailed(Exception):
     """The modules could not be loaded; the message is the reason, fit to show as is."""
 
 
-def _child(config: Config, write_fd: int) -> None:
+def _child(config: Config, write_fd: int, redis_required: bool) -> None:
     mpnet_log.set_role("checker")
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
@@ -54,7 +54,7 @@ def _child(config: Config, write_fd: int) -> None:
         if config["shared_backend"] == "redis":
             from mpnet.workers.redis_shared import probe
 
-            result["redis"] = probe(config)
+            result["redis"] = probe(config, redis_required)
     except (ModuleError, ConfigError) as exc:
         result = {"ok": False, "error": str(exc)}
     except BaseException as exc:
@@ -115,10 +115,15 @@ class Check:
 
 
 def start_check(
-    config: Config, timeout: float, child_setup: Callable[[], None] | None = None
+    config: Config,
+    timeout: float,
+    child_setup: Callable[[], None] | None = None,
+    redis_required: bool = True,
 ) -> Check:
     """Fork a checker for *config* and return at once. *child_setup* runs first in the child
-    (the master closes its sockets there: a checker must not hold them while it loads)."""
+    (the master closes its sockets there: a checker must not hold them while it loads).
+    *redis_required* False (a reload): an unreachable Redis is reported, not an error, since
+    workers serve through an outage; only the first start and ``mpnet check`` insist."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -127,7 +132,7 @@ def start_check(
             os.close(read_fd)
             if child_setup is not None:
                 child_setup()
-            _child(config, write_fd)
+            _child(config, write_fd, redis_required)
         except BaseException:
             code = 1
         finally:

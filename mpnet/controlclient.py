@@ -125,11 +125,14 @@ def print_status(status: dict[str, Any]) -> None:
         f"generation {status['generation']}, {status['slots']} worker slot(s), {status['state']}"
         + "".join(f"; {note}" for note in notes)
     )
-    header = (
+    header: tuple[str, ...] = (
         "slot", "pid", "gen", "state", "conns", "served", "refused", "tls-fail", "cpu%", "rss",
         "uptime",
     )  # fmt: skip
-    rows = [header]
+    on_redis = any(w.get("redis") for w in status["workers"])
+    if on_redis:
+        header += ("redis",)
+    rows: list[tuple[str, ...]] = [header]
     for w in status["workers"]:
         rss = f"{w['rss'] / 1048576:.1f}M" if w.get("rss") is not None else "-"
         cpu = f"{w['cpu_percent']:.1f}" if w.get("cpu_percent") is not None else "-"
@@ -147,10 +150,19 @@ def print_status(status: dict[str, Any]) -> None:
                 rss,
                 _format_duration(w["uptime"]),
             )
+            + ((_redis_cell(w.get("redis")),) if on_redis else ())
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
         print("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)))
+    for w in status["workers"]:
+        redis = w.get("redis")
+        if redis and redis["state"] != "connected":
+            since = time.strftime("%H:%M:%S", time.localtime(redis["since"]))
+            print(
+                f"redis: worker {w['slot']} (pid {w['pid']}) {redis['state']} since {since} "
+                f"({_format_duration(redis['for'])}): {redis['error'] or 'no error given'}"
+            )
     print("services:")
     for service in status["services"]:
         print(
@@ -159,6 +171,15 @@ def print_status(status: dict[str, Any]) -> None:
     figures = status.get("metrics")
     if figures:
         print_service_figures(figures)
+
+
+def _redis_cell(redis: dict[str, Any] | None) -> str:
+    """A worker's Redis state in a few letters: ``up``, ``down 12s`` (``-``: no report yet)."""
+    if not redis:
+        return "-"
+    if redis["state"] == "connected":
+        return "up"
+    return f"down {_format_duration(redis['for'])}"
 
 
 def _by_service(figures: dict[str, Any], name: str) -> dict[str, float]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from .channel import MasterChannel
 from .pure.messages import BootError, Heartbeat, Message, Metrics, NotAccepting, Ready, Stopped
-from .pure.metrics import Samples, flatten
+from .pure.metrics import Samples, flatten, redis_state
 
 log = logging.getLogger("mpnet.handle")
 
@@ -47,6 +47,7 @@ class WorkerHandle:
     # Its latest Metrics report, checked and flattened (mpnet.pure.metrics).
     metric_counters: Samples = field(default_factory=dict)
     metric_gauges: Samples = field(default_factory=dict)
+    redis: dict[str, Any] | None = None  # its latest view of Redis (mpnet.pure.metrics)
 
     @property
     def active(self) -> bool:
@@ -66,6 +67,7 @@ class WorkerHandle:
             self.refused, self.tls_failures = message.refused, message.tls_failures
         elif type(message) is Metrics:
             self.metric_counters, self.metric_gauges = flatten(*message, self.slot)
+            self.redis = redis_state(message.shared)
         elif type(message) is Ready:
             if self.state == "booting":
                 self.state = "ready"
@@ -87,7 +89,8 @@ class WorkerHandle:
         return True
 
     def status(self, now: float) -> dict[str, Any]:
-        """The worker's row in ``mpnet status`` (CPU and memory as the kernel reports them)."""
+        """The worker's row in ``mpnet status`` (CPU and memory as the kernel reports them;
+        ``redis`` only on the Redis backend, once the worker reported)."""
         import psutil
 
         cpu = rss = None
@@ -98,7 +101,7 @@ class WorkerHandle:
                 lifetime = max(now - self.started, 1e-3)
                 cpu = 100.0 * (times.user + times.system) / lifetime
                 rss = process.memory_info().rss
-        return {
+        row = {
             "slot": self.slot,
             "pid": self.pid,
             "generation": self.generation,
@@ -111,6 +114,9 @@ class WorkerHandle:
             "rss": rss,
             "uptime": now - self.started,
         }
+        if self.redis is not None:  # Redis backend: its last report, and for how long
+            row["redis"] = {**self.redis, "for": max(0.0, time.time() - self.redis["since"])}
+        return row
 
 
 def describe_exit(status: int) -> str:

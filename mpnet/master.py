@@ -866,7 +866,9 @@ class Master:
 
     def start_checker(self, config: Config) -> Check:
         self._before_fork()
-        check = start_check(config, float(config["boot_timeout"]), self._forget_in_checker)
+        check = start_check(
+            config, float(config["boot_timeout"]), self._forget_in_checker, redis_required=False
+        )
         self._register(check, selectors.EVENT_READ, "checker")
         return check
 

@@ -37,6 +37,8 @@ _HELP = {
     "mpnet_worker_restarts_total": "Workers replaced because they failed.",
     "mpnet_reloads_total": "Reloads by outcome.",
     "mpnet_shared_operations_total": "Shared-table operations and broadcasts the master ordered.",
+    m.REDIS_WORKERS: "Workers by the state of their Redis connection (shared_backend redis).",
+    m.REDIS_LOST: "Times a worker's Redis connection was lost (shared_backend redis).",
 }
 _LABELS = {
     m.ACCEPTED: ("service",),
@@ -49,8 +51,10 @@ _LABELS = {
     m.RSS: ("slot",),
     m.CPU: ("slot",),
     m.LAG: ("slot",),
+    m.REDIS_WORKERS: ("state",),
+    m.REDIS_LOST: (),
 }
-_GAUGES = (m.OPEN, m.RSS, m.LAG)
+_GAUGES = (m.OPEN, m.RSS, m.LAG, m.REDIS_WORKERS)
 
 
 @dataclass
@@ -124,6 +128,12 @@ class MetricsBook:
             for (name, values), value in source.items():
                 if name in families:
                     families[name].samples[values] = value
+        redis_states = families[m.REDIS_WORKERS].samples
+        if redis_states or families[m.REDIS_LOST].samples:
+            for state in m.REDIS_STATES:
+                redis_states.setdefault((state,), 0)
+        else:  # the local backend: nothing to say about Redis
+            del families[m.REDIS_WORKERS], families[m.REDIS_LOST]
         result = list(families.values())
         histogram = Family(m.DURATION, "histogram", _HELP[m.DURATION], ("service", "callback"))
         for key, buckets in m.histograms(counters).items():

@@ -280,7 +280,8 @@ class Reloads:
         try:
             if timed_out:
                 raise pending.check.timed_out()
-            plans = plan_services(config, pending.check.result()["services"])
+            report = pending.check.result()
+            plans = plan_services(config, report["services"])
             self._ledger.apply(plans, slots)
         except (CheckFailed, ConfigError, PortConflict) as exc:
             self._failed(str(exc), pending.waiters)
@@ -291,6 +292,8 @@ class Reloads:
         self._rollback = rollback
         for line in self._ledger.describe():
             log.info("service %s", line)
+        if str(report.get("redis", "")).startswith("unreachable"):
+            log.warning("reload: Redis %s; the new workers serve without it", report["redis"])
         message = f"reload accepted: starting generation {host.generation}"
         log.info("%s", message)
         for waiter in pending.waiters:

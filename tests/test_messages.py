@@ -15,7 +15,7 @@ from mpnet.pure.frames import decode_payload, encode
 EXAMPLES: list[m.Message] = [
     m.Ready(1234, 2),
     m.Heartbeat(3, 100, 1, 0),
-    m.Metrics({"echo": {"accepted": 3, "refused": {"max_connections": 1}}}, {"cpu": 0.5}),
+    m.Metrics({"echo": {"accepted": 3, "refused": {"max_connections": 1}}}, {"cpu": 0.5}, {}),
     m.NotAccepting(),
     m.BootError("module 'x' failed to load"),
     m.Stopped(7),

@@ -30,7 +30,7 @@ def report(accepted: int = 3, received: int = 100, cpu: float = 0.5, **extra: An
         "durations": {"onincoming": [1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2.5]},
     }
     service.update(extra)
-    return Metrics({"echo": service}, {"cpu": cpu, "rss": 4096, "lag": 0.01})
+    return Metrics({"echo": service}, {"cpu": cpu, "rss": 4096, "lag": 0.01}, {})
 
 
 def test_a_report_crosses_the_channel_and_flattens() -> None:
@@ -142,3 +142,51 @@ def test_openmetrics_is_written_when_asked_for() -> None:
     page, content_type = render(MetricsBook().families([], {}, {}), "application/openmetrics-text")
     assert content_type.startswith("application/openmetrics-text")
     assert page.endswith(b"# EOF\n")
+
+
+def redis_report(state: str, lost: int) -> Metrics:
+    base = report()
+    shared = {"state": state, "since": 1700000000.5, "error": "x" * 500, "lost": lost}
+    return Metrics(base.services, base.process, shared)
+
+
+def test_the_redis_state_of_each_worker_is_counted_and_kept() -> None:
+    book = MetricsBook()
+    up, down = handle(0, 100), handle(1, 101)
+    up.on_message(from_wire(to_wire(redis_report("connected", 2))))
+    down.on_message(redis_report("unavailable", 1))
+    assert down.redis is not None and len(down.redis["error"]) == m.MAX_ERROR
+    assert down.status(0.0)["redis"]["state"] == "unavailable"
+    figures = scrape(book, [up, down])
+    assert figures["mpnet_redis_workers"] == {
+        (("state", "connected"),): 1,
+        (("state", "unavailable"),): 1,
+    }
+    assert figures["mpnet_redis_connections_lost_total"] == {(): 3}
+    book.retire(down)
+    figures = scrape(book, [up])
+    assert figures["mpnet_redis_workers"][(("state", "unavailable"),)] == 0  # said, not absent
+    assert figures["mpnet_redis_connections_lost_total"] == {(): 3}
+
+
+def test_the_local_backend_says_nothing_about_redis() -> None:
+    local = handle(0, 100)
+    local.on_message(report())
+    assert "redis" not in local.status(0.0)
+    assert not {"mpnet_redis_workers", "mpnet_redis_connections_lost"} & set(
+        scrape(MetricsBook(), [local])
+    )
+
+
+@pytest.mark.parametrize(
+    ("shared", "words"),
+    [
+        ({"state": "maybe"}, "shared state must be one of"),
+        ({"state": "connected", "lost": -1}, "shared lost must be a count"),
+        ({"state": "connected", "since": "now"}, "shared since must be a number"),
+        ({"state": "connected", "error": 3}, "shared error must be a string"),
+    ],
+)
+def test_a_malformed_redis_state_names_what_is_wrong(shared: dict[str, Any], words: str) -> None:
+    with pytest.raises(ChannelError, match=words):
+        m.flatten({}, {}, shared, slot=0)

@@ -4,6 +4,7 @@ one or two mpnet instances ("hosts" on one machine) sharing it."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -12,10 +13,22 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
-from harness import WELCOME, Client, RespClient, config, free_port, run_mpnet, wait_for
+from harness import (
+    WELCOME,
+    Client,
+    RespClient,
+    config,
+    free_port,
+    mpnet_cli,
+    run_mpnet,
+    settled,
+    status,
+    wait_for,
+)
 
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_BENCHMARK = shutil.which("redis-benchmark")
@@ -101,9 +114,16 @@ def redis_config(modules: list[str], url: str, **keys) -> str:
 
 PROBE = """\
 import asyncio
+import json
 import os
+import mpnet
 t = module.shared("probe")
 tasks = set()
+heard = []  # payloads of the broadcasts on "news" this worker's hook ran for
+resyncs = []  # the RESYNC hook's payloads, with what the table held when it ran
+
+module.hook("news", heard.append)
+module.hook(mpnet.RESYNC, lambda payload: resyncs.append({**payload, "k": t.get("k")}))
 
 class listener:
     def onconnect(conn):
@@ -128,6 +148,13 @@ async def answer(conn, words):
             conn.write(f"{t.get(words[1])}\\n")
         elif op == "incr":
             conn.write(f"{await t.incr(words[1])}\\n")
+        elif op == "say":
+            module.broadcast("news", words[1])
+            conn.write("ok\\n")
+        elif op == "heard":
+            conn.write(json.dumps(heard) + "\\n")
+        elif op == "resyncs":
+            conn.write(json.dumps(resyncs) + "\\n")
     except Exception as exc:
         conn.write(f"error {type(exc).__name__}: {exc}\\n")
 
@@ -165,6 +192,8 @@ def test_a_write_acknowledged_on_one_host_is_read_on_the_other(mpnet, redis_serv
     assert b.ask("incr n") == "1"
     assert a.ask("incr n") == "2"
     assert a.ask("peek n") == "2"  # an atomic's answer counts once the replica shows it
+    a.close()  # open connections would make each host's graceful stop wait
+    b.close()
 
 
 def test_kv_set_answered_on_one_host_is_read_by_get_on_the_other(mpnet, redis_server):
@@ -254,6 +283,8 @@ def test_chat_room_and_nicks_span_hosts_in_one_order(mpnet, redis_server):
     seen = [said_lines(client, 80) for client in (alice, bob)]
     assert seen[0] == seen[1]
     assert sorted(seen[0]) == sorted([f"a{i}" for i in range(40)] + [f"b{i}" for i in range(40)])
+    alice.close()
+    bob.close()
 
 
 def test_redis_frozen_then_back_fails_atomics_in_bounded_time_and_recovers(
@@ -456,3 +487,212 @@ def test_a_table_key_clobbered_by_another_program_is_a_clear_error(
         assert redis.call("DEL", "mpnet:t:probe") == b":1\r\n"
         assert client.ask("set k 3") == "ok"
         assert client.ask("get k") == "3"
+
+
+def redis_states(server) -> list[str | None]:
+    """Each worker's Redis state as ``mpnet status`` has it (None: no report yet)."""
+    return [w.get("redis", {}).get("state") for w in status(server)["workers"]]
+
+
+def a_client_of_another_worker(port: int, old: set[int]) -> LineClient:
+    """A connection served by a worker whose pid is not in *old* (its replacement)."""
+
+    def attempt() -> LineClient | None:
+        try:
+            client = LineClient(port)
+        except (OSError, AssertionError):
+            return None
+        if client.pid in old:
+            client.close()
+            return None
+        return client
+
+    return wait_for(attempt, what="a connection to the new worker")
+
+
+def test_status_says_the_redis_state_and_workers_start_during_an_outage(
+    mpnet, redis_server, probe_module
+):
+    """The master learns each worker's Redis state from its reports (it never talks to Redis
+    itself); a worker started while Redis is down (a reload, a crash's replacement) serves,
+    refuses shared writes, and loads the state once Redis is back."""
+    redis = redis_server("--appendonly", "yes")  # the state outlives the restart
+    server = mpnet(
+        redis_config(
+            ["probe", "echo"],
+            redis.url,
+            module_paths=[probe_module],
+            probe_ports=[0],
+            echo_ports=[0],
+            workers=1,
+            redis_timeout=2,
+            metrics_listen="127.0.0.1:0",
+        )
+    )
+    port = server.port("probe")
+    metrics = int(server.wait_log(r"metrics on http://127\.0\.0\.1:(\d+)/metrics").group(1))
+    with LineClient(port) as client:
+        assert client.ask("set k 1") == "ok"
+    wait_for(lambda: redis_states(server) == ["connected"], what="status: connected")
+    shown = mpnet_cli(server, "status")
+    assert shown.returncode == 0 and " redis\n" in shown.stdout.splitlines()[1] + "\n", shown
+    assert shown.stdout.splitlines()[2].endswith(" up"), shown.stdout
+
+    redis.stop()
+    wait_for(lambda: redis_states(server) == ["unavailable"], what="status: unavailable")
+    server.wait_log(r"redis: connection to \S+ lost")
+    row = status(server)["workers"][0]["redis"]
+    assert row["lost"] == 1 and row["error"] and row["for"] >= 0, row
+    shown = mpnet_cli(server, "status").stdout
+    assert re.search(r"redis: worker 0 \(pid \d+\) unavailable since [\d:]+ \(\d+s\): ", shown)
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as page:
+        text = page.read().decode()
+    assert 'mpnet_redis_workers{state="unavailable"} 1.0' in text, text
+    assert "mpnet_redis_connections_lost_total 1.0" in text
+
+    result = mpnet_cli(server, "reload", "--wait")
+    assert result.returncode == 0, result.stderr
+    server.wait_log(r"reload: Redis unreachable: redis_url \S+: cannot use it")
+    old = settled(server, 1)
+    os.kill(next(iter(old)), signal.SIGKILL)  # its replacement boots while Redis is down
+    new = a_client_of_another_worker(port, old)
+    server.wait_log(r"redis: \S+ unreachable at start \(cannot use it")
+    with Client(server.port("echo")) as echo:
+        echo.read_until(b"Hello!\n")
+        echo.send("hi\n")
+        assert echo.read_until(b"\n\n") == b"You said hi\n\n"
+    assert new.ask("incr n").startswith("error SharedUnavailable: Redis unavailable: ")
+    assert new.ask("set k 2").startswith("error SharedUnavailable")
+    assert new.ask("peek k") == "None"  # nothing loaded yet: its replicas start empty
+    wait_for(lambda: redis_states(server) == ["unavailable"], what="the new worker's report")
+
+    redis.start()  # the same port
+    wait_for(lambda: redis_states(server) == ["connected"], what="status: connected again")
+    assert new.ask("peek k") == "1"  # reloaded before the report said connected
+    assert new.ask("incr n") == "1"
+    new.close()
+    assert worker_pids_of(server) == {new.pid}
+
+
+def worker_pids_of(server) -> set[int]:
+    return {w["pid"] for w in status(server)["workers"]}
+
+
+class CutProxy:
+    """A TCP relay to Redis that the test can cut (every relayed connection closed, new ones
+    closed at once) and restore: one host losing Redis while the others keep it."""
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.cut_off = threading.Event()
+        self.pairs: list[tuple[socket.socket, socket.socket]] = []
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _accept(self) -> None:
+        self.listener.settimeout(0.1)
+        while not self.stopping.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if self.cut_off.is_set():
+                client.close()
+                continue
+            server = socket.create_connection(("127.0.0.1", self.upstream), timeout=5)
+            with self.lock:
+                self.pairs.append((client, server))
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        source.settimeout(None)
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self.cut_off.set()
+        with self.lock:
+            pairs, self.pairs = self.pairs, []
+        for pair in pairs:
+            for sock in pair:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+    def restore(self) -> None:
+        self.cut_off.clear()
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.cut()
+        self.thread.join(5)
+        self.listener.close()
+
+
+@pytest.fixture
+def cut_proxy():
+    proxies: list[CutProxy] = []
+
+    def make(upstream: int) -> CutProxy:
+        proxies.append(CutProxy(upstream))
+        return proxies[-1]
+
+    try:
+        yield make
+    finally:
+        for proxy in proxies:
+            proxy.close()
+
+
+def heard(client: LineClient) -> list[str]:
+    return json.loads(client.ask("heard"))
+
+
+def test_broadcasts_across_an_outage_and_the_resync_hook(
+    mpnet, redis_server, cut_proxy, probe_module
+):
+    """What the README promises: a broadcast during the outage raises at the call; what other
+    hosts broadcast meanwhile never reaches the cut-off host; after reconnecting and reloading,
+    its RESYNC hook runs with the reloaded tables."""
+    redis = redis_server()
+    proxy = cut_proxy(redis.port)
+    keys = {"module_paths": [probe_module], "probe_ports": [0], "workers": 1}
+    host_a = mpnet(redis_config(["probe"], proxy.url, redis_timeout=2, **keys))
+    host_b = mpnet(redis_config(["probe"], redis.url, **keys))
+    a, b = LineClient(host_a.port("probe")), LineClient(host_b.port("probe"))
+    assert a.ask("say one") == "ok"
+    wait_for(lambda: heard(a) == heard(b) == ["one"], what="both hosts to hear 'one'")
+
+    proxy.cut()
+    host_a.wait_log(r"redis: connection to \S+ lost")
+    assert a.ask("say two").startswith("error SharedUnavailable: Redis unavailable: ")
+    assert b.ask("say three") == "ok"
+    assert b.ask("set k 7") == "ok"
+    wait_for(lambda: heard(b) == ["one", "three"], what="host B to hear 'three'")
+    assert json.loads(a.ask("resyncs")) == []
+
+    proxy.restore()
+    resyncs = wait_for(lambda: json.loads(a.ask("resyncs")), what="the RESYNC hook to run")
+    assert len(resyncs) == 1 and resyncs[0]["k"] == 7 and resyncs[0]["tables"] >= 1, resyncs
+    assert resyncs[0]["unavailable"] > 0
+    assert heard(a) == ["one"]  # 'three' was published while A was not subscribed: gone
+    assert b.ask("say four") == "ok"
+    wait_for(lambda: heard(a) == ["one", "four"], what="host A to hear 'four'")
+    assert json.loads(b.ask("resyncs")) == []  # B never lost Redis
+    a.close()
+    b.close()

@@ -441,3 +441,18 @@ def test_the_bundled_chat_room_across_two_workers():
         a.close()
         assert b.received() == b"* alice left\n"
         assert "alice" not in svc.shared("chat_nicks")
+
+
+def test_modules_cannot_broadcast_the_resync_topic(tmp_path):
+    """mpnet.RESYNC is run by the Redis backend after a reload of the replicas; a module
+    broadcasting it would make every hook believe that happened."""
+    path = tmp_path / "fake.py"
+    path.write_text(
+        "import mpnet\n"
+        "try:\n"
+        "    module.broadcast(mpnet.RESYNC, {})\n"
+        "except ValueError as exc:\n"
+        "    refused = str(exc)\n"
+    )
+    with load(path) as svc:
+        assert "mpnet's own topic" in svc.module_globals("fake")["refused"]

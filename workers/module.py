@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mpnet.pure.config import Config
+from mpnet.pure.replica import RESYNC
 
 from .connection import Connection, Service, open_connection
 from .lifecycle import Hook, Timer, TimerCallback
@@ -232,6 +233,8 @@ class Module:
 
     def broadcast(self, topic: str, payload: Any = None) -> None:
         """Run every ``hook(topic, ...)`` handler in every worker, in the master's order."""
+        if topic == RESYNC:
+            raise ValueError(f"{RESYNC!r} is mpnet's own topic: hook it, do not broadcast it")
         self._require_shared().broadcast(topic, payload)
 
     def hook(self, topic: str, handler: Callable[[Any], Any]) -> None:

@@ -24,7 +24,15 @@ Redis unreachable (refused, reset, or no reply within ``redis_timeout``): every 
 operation fails with :class:`SharedUnavailable`; writes and broadcasts made meanwhile raise it
 at the call (refused, never queued); atomics and barriers return a future that fails with it;
 reads keep answering from the replica as it was. The worker reconnects with back-off, reloads
-every table from Redis and carries on; the log says when it is lost and when it is back.
+every table from Redis, then runs the hooks of :data:`~mpnet.pure.replica.RESYNC` (broadcasts
+published meanwhile are gone: pub/sub keeps nothing for an absent subscriber); the log says when
+it is lost and when it is back, and each heartbeat's report (:meth:`RedisSharedState.report`)
+tells the master, for ``mpnet status``.
+
+A worker that boots while Redis is unreachable (a replacement after a crash, ``TTIN``, a reload
+during an outage) serves anyway, with empty replicas, as if the connection had just been lost.
+Only the checker of the very first start (and ``mpnet check``) insists on reaching Redis, so a
+wrong address is still a one-line error.
 """
 
 from __future__ import annotations
@@ -58,7 +66,14 @@ from mpnet.pure.redisshared import (
     write_args,
 )
 from mpnet.pure.redisurl import redacted
-from mpnet.pure.replica import Replica, SharedError, SharedUnavailable, apply_write, check_key
+from mpnet.pure.replica import (
+    RESYNC,
+    Replica,
+    SharedError,
+    SharedUnavailable,
+    apply_write,
+    check_key,
+)
 from mpnet.pure.values import check_plain
 
 from .shared import SharedTable, run_hooks
@@ -69,6 +84,11 @@ BACKOFF_START, BACKOFF_MAX = 0.1, 5.0
 UPDATE_CHUNK = 1000  # fields per script call (Lua's unpack() has a stack limit)
 
 Reply = Any  # bytes, int, list, None, or the exception Redis answered
+
+
+class RedisUnreachable(ConfigError):
+    """Redis refused, reset or did not answer at a start that requires it (first start,
+    ``mpnet check``): a config-style one-line error, told apart from bad input."""
 
 
 class RedisSharedTable(SharedTable):
@@ -159,6 +179,9 @@ class RedisSharedState:
         self._seq_waiters: list[tuple[int, int, asyncio.Future[Any], Any]] = []
         self._order = itertools.count()
         self._unavailable: str | None = "not connected yet"
+        self._changed_at = time.time()  # when _unavailable last changed (wall clock: for status)
+        self._last_error = ""
+        self._losses = 0
         self._sub_heard = 0.0
         self._live: list[asyncio.Task[Any]] = []  # the connections' reader tasks
         self._background: asyncio.Task[Any] | None = None
@@ -229,9 +252,12 @@ class RedisSharedState:
     def fail_pending(self, reason: str) -> None:
         """The channel to the master is gone: nothing to do, the state is in Redis."""
 
-    async def start(self) -> None:
+    async def start(self, required: bool = True) -> None:
         """Connect and load every table, before the modules load; ConfigError (one line) if
-        Redis cannot be used: bad URL, refused auth, not Redis, a prefix someone else uses."""
+        Redis cannot be used: bad URL, refused auth, not Redis, a prefix someone else uses.
+
+        Unreachable (refused, reset, silent) is a ConfigError too when *required*; otherwise
+        (a worker) the state starts unavailable and the reconnecting loop takes over."""
         try:
             import redis.asyncio  # noqa: F401
         except ImportError:
@@ -240,9 +266,31 @@ class RedisSharedState:
             ) from None
         try:
             await self._connect()
-        except (ConfigError, SharedUnavailable) as exc:
+        except ConfigError as exc:
             raise ConfigError(f"redis_url {redacted(self.url)}: {exc}") from None
-        self._background = asyncio.ensure_future(self._watch())
+        except SharedUnavailable as exc:
+            if required:
+                raise RedisUnreachable(f"redis_url {redacted(self.url)}: {exc}") from None
+            self._unavailable = f"Redis unavailable: {exc}"
+            self._last_error = str(exc)
+            self._changed_at = time.time()
+            log.warning(
+                "redis: %s unreachable at start (%s); serving anyway, shared writes and "
+                "atomics fail until it is back",
+                redacted(self.url),
+                exc,
+            )
+        self._background = asyncio.ensure_future(self._watch(failures=int(bool(self._unavailable))))
+
+    def report(self) -> dict[str, Any]:
+        """This worker's view of Redis for the master (``mpnet status``, the metrics): state,
+        since when (wall clock), the last error seen, how many times the connection was lost."""
+        return {
+            "state": "unavailable" if self._unavailable else "connected",
+            "since": self._changed_at,
+            "error": self._last_error,
+            "lost": self._losses,
+        }
 
     async def close(self) -> None:
         """Let the writes already made leave (up to ``redis_timeout``), then disconnect."""
@@ -361,6 +409,7 @@ class RedisSharedState:
         self._live = [reader, asyncio.ensure_future(self._read_replies(cmd))]
         self._sub_heard = time.monotonic()
         self._unavailable = None
+        self._changed_at = time.time()
 
     def _install(self, snapshot: dict[str, dict[Any, Any]], seq: int) -> None:
         """Replace every replica with *snapshot*, then replay the changes heard since."""
@@ -379,8 +428,10 @@ class RedisSharedState:
     def _script(self, table: str, op: str, origin: bytes) -> ScriptCall:
         call = self._calls.get((table, op))
         if call is None:
-            script = "write" if origin else op
-            call = ScriptCall(self._shas[script], self.keys, origin, table, op)
+            sha = self._shas.get("write" if origin else op)
+            if sha is None:  # never connected yet (a worker that booted during an outage)
+                raise SharedUnavailable(self._unavailable or "Redis unavailable")
+            call = ScriptCall(sha, self.keys, origin, table, op)
             self._calls[table, op] = call
         return call
 
@@ -562,6 +613,9 @@ class RedisSharedState:
         if self._unavailable is not None:
             return
         self._unavailable = f"Redis unavailable: {reason}"
+        self._changed_at = time.time()
+        self._last_error = reason
+        self._losses += 1
         log.warning(
             "redis: connection to %s lost (%s); shared writes and atomics fail until it is back",
             redacted(self.url),
@@ -591,11 +645,11 @@ class RedisSharedState:
                 task.add_done_callback(self._tasks.discard)
         self._cmd = self._sub = None
 
-    async def _watch(self) -> None:
-        """Declare Redis lost when it stops answering; reconnect with back-off when it is."""
+    async def _watch(self, failures: int = 0) -> None:
+        """Declare Redis lost when it stops answering; reconnect with back-off when it is, then
+        run the RESYNC hooks (*failures*: attempts already made and logged)."""
         interval = max(0.05, self.timeout / 4)
         backoff = BACKOFF_START
-        failures = 0
         while True:
             await asyncio.sleep(interval if self._unavailable is None else backoff)
             now = time.monotonic()
@@ -610,18 +664,22 @@ class RedisSharedState:
                     self._tasks.add(task)
                     task.add_done_callback(self._sent)
                 continue
+            down_since = self._changed_at
             try:
                 await self._connect()
             except Exception as exc:
                 failures += 1
+                self._last_error = str(exc)
                 if failures == 1 or isinstance(exc, ConfigError):
                     log.warning("redis: reconnecting to %s failed: %s", redacted(self.url), exc)
                 backoff = min(BACKOFF_MAX, backoff * 2)
                 continue
+            tables = len(self._tables) + len(self._initial)
             log.warning(
-                "redis: reconnected to %s; %d table(s) reloaded",
-                redacted(self.url),
-                len(self._tables) + len(self._initial),
+                "redis: reconnected to %s; %d table(s) reloaded", redacted(self.url), tables
+            )
+            self._deliver(
+                RESYNC, {"unavailable": round(time.time() - down_since, 3), "tables": tables}
             )
 
 
@@ -648,9 +706,11 @@ def from_config(config: Config) -> RedisSharedState:
     )
 
 
-def probe(config: Config) -> str:
+def probe(config: Config, required: bool = True) -> str:
     """Connect as a worker would, then disconnect (``mpnet check`` and every start, in the
-    checker process); ConfigError if Redis cannot be used, else a line saying what was found."""
+    checker process); ConfigError if Redis cannot be used, else a line saying what was found.
+    Not *required* (a reload's checker), unreachable is said in that line, since the new workers
+    serve without Redis and connect when it is back; bad input is still a ConfigError."""
 
     async def run() -> int:
         state = from_config(config)
@@ -659,8 +719,11 @@ def probe(config: Config) -> str:
         await state.close()
         return tables
 
-    tables = asyncio.run(run())
-    return (
-        f"reachable at {redacted(config['redis_url'])}, prefix {config['redis_prefix']!r}, "
-        f"{tables} table(s)"
-    )
+    where = f"{redacted(config['redis_url'])}, prefix {config['redis_prefix']!r}"
+    try:
+        tables = asyncio.run(run())
+    except RedisUnreachable as exc:
+        if required:
+            raise
+        return f"unreachable: {exc}"
+    return f"reachable at {where}, {tables} table(s)"

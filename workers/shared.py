@@ -250,6 +250,10 @@ class SharedState:
     def hook(self, topic: str, handler: Callable[[Any], Any], owner: str = "") -> None:
         self._hooks.setdefault(topic, []).append((handler, owner))
 
+    def report(self) -> dict[str, Any]:
+        """The backend's state for the master's status: nothing to say for the local one."""
+        return {}
+
     def _send(self, message: Message) -> None:
         """Send to the master, or raise :class:`SharedError` once the channel is gone: a write
         or request nobody will ever order or answer must fail at the call, not hang or vanish."""

@@ -178,7 +178,7 @@ class Worker:
             from .redis_shared import from_config
 
             self.shared = from_config(self.config)  # type: ignore[assignment]
-            await self.shared.start()  # type: ignore[attr-defined]
+            await self.shared.start(required=False)  # type: ignore[attr-defined]
         self.modules = load_modules(
             self.config, self.shared, before_run=lambda: become_service_user(self.config)
         )
@@ -319,7 +319,7 @@ class Worker:
                 "durations": {cb: h.row() for cb, h in service.durations.items()},
             }
         process = {"cpu": time.process_time(), "rss": _resident_bytes(), "lag": self._lag}
-        return Metrics(services, process)
+        return Metrics(services, process, self.shared.report())
 
     # -- stopping -----------------------------------------------------------------------------
 

@@ -43,10 +43,13 @@ class Heartbeat(NamedTuple):
 
 class Metrics(NamedTuple):
     """The worker's figures since it started, sent with each heartbeat and once more before
-    :class:`Stopped` (shape and checks: :mod:`mpnet.pure.metrics`)."""
+    :class:`Stopped` (shape and checks: :mod:`mpnet.pure.metrics`). *shared* is the shared
+    backend's state as the worker sees it (empty for the local backend; Redis: connected or
+    not)."""
 
     services: dict[str, Any]
     process: dict[str, Any]
+    shared: dict[str, Any]
 
 
 class NotAccepting(NamedTuple):
@@ -160,7 +163,7 @@ _ANY = object
 _SPEC: dict[type[Any], tuple[str, tuple[type, ...]]] = {
     Ready: ("ready", (int, int)),
     Heartbeat: ("heartbeat", (int, int, int, int)),
-    Metrics: ("metrics", (dict, dict)),
+    Metrics: ("metrics", (dict, dict, dict)),
     NotAccepting: ("not_accepting", ()),
     BootError: ("boot_error", (str,)),
     Stopped: ("stopped", (int,)),

@@ -14,6 +14,9 @@ The report's shape (plain data, for msgpack)::
                       "durations": {callback: [count per bucket of DURATION_BUCKETS..., count
                                                above the last bucket, sum in seconds]}}}
     process:  {"cpu": seconds, "rss": bytes, "lag": seconds}
+    shared:   {} (local backend) or, on Redis, {"state": "connected" | "unavailable",
+               "since": wall-clock seconds of the last change, "error": the last error seen,
+               "lost": times the connection was lost}
 """
 
 from __future__ import annotations
@@ -43,6 +46,10 @@ LAG = "mpnet_event_loop_lag_seconds"
 DURATION = "mpnet_callback_duration_seconds"
 DURATION_BUCKET = DURATION + "_bucket"  # labels: service, callback, bucket index
 DURATION_SUM = DURATION + "_sum"
+REDIS_WORKERS = "mpnet_redis_workers"  # labels: state
+REDIS_LOST = "mpnet_redis_connections_lost_total"
+REDIS_STATES = ("connected", "unavailable")
+MAX_ERROR = 300
 
 _SERVICE_COUNTERS = {"accepted": ACCEPTED, "received": RECEIVED, "sent": SENT}
 _SERVICE_COUNTERS["tls_failures"] = TLS_FAILURES
@@ -69,12 +76,40 @@ def _table(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
-def flatten(services: Any, process: Any, slot: int) -> tuple[Samples, Samples]:
+def redis_state(shared: Any) -> dict[str, Any] | None:
+    """The Redis part of a report, checked (None for the local backend): raises
+    :class:`ChannelError` naming the first thing wrong; a long error is cut to MAX_ERROR."""
+    if shared is None or shared == {}:
+        return None
+    shared = _table(shared, "shared")
+    state = shared.get("state")
+    if state not in REDIS_STATES:
+        raise ChannelError(
+            f"metrics: shared state must be one of {REDIS_STATES}, not {state!r:.40}"
+        )
+    error = shared.get("error", "")
+    if type(error) is not str:
+        raise ChannelError("metrics: shared error must be a string")
+    return {
+        "state": state,
+        "since": _number(shared.get("since", 0), "shared since"),
+        "error": error[:MAX_ERROR],
+        "lost": _count(shared.get("lost", 0), "shared lost"),
+    }
+
+
+def flatten(
+    services: Any, process: Any, shared: Any = None, slot: int = 0
+) -> tuple[Samples, Samples]:
     """A worker's report as (counters, gauges), checked: raises :class:`ChannelError` naming
     the first thing wrong. *slot* (the master's, not the worker's word) labels the process's
     figures."""
     counters: Samples = {}
     gauges: Samples = {}
+    redis = redis_state(shared)
+    if redis is not None:
+        gauges[(REDIS_WORKERS, (redis["state"],))] = 1
+        counters[(REDIS_LOST, ())] = redis["lost"]
     for service, figures in _table(services, "services").items():
         where = f"service {service!r}"
         figures = _table(figures, where)

@@ -38,6 +38,13 @@ class SharedUnavailable(SharedError):
     still answer from the local replica; the worker reconnects on its own."""
 
 
+RESYNC = "mpnet.resync"
+"""The hook topic run in a worker once its replicas were reloaded after Redis was unreachable
+(``module.hook(mpnet.RESYNC, rebuild)``): the tables may have changed in ways no event told it
+of, and broadcasts sent meanwhile were not delivered to it. Payload: ``{"unavailable": seconds,
+"tables": count}``. Modules cannot broadcast it; the local backend never runs it."""
+
+
 def check_key(key: Any) -> None:
     if type(key) not in KEY_TYPES:
         raise TypeError(
