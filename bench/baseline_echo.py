@@ -7,15 +7,22 @@ worker machinery) cost.
 
 Usage::
 
-    python bench/baseline_echo.py PORT [--host 127.0.0.1] [--loop uvloop|asyncio]
+    python bench/baseline_echo.py PORT [--host 127.0.0.1] [--loop uvloop|asyncio] [--processes N]
 
 The first line on stdout is the bound port (useful with port 0).  SIGTERM or SIGINT stops it.
+
+``--processes N`` (for bench/bench_idle.py's many-connection runs, set against mpnet with N
+workers): N forked server processes, each with its own listening socket on the one port
+(``SO_REUSEPORT``, as mpnet gives each worker its own), under an idle parent that stops them on
+SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import signal
 import socket
 import sys
@@ -37,23 +44,74 @@ class EchoProtocol(asyncio.Protocol):
         self.transport.write(data)
 
 
-async def serve(host: str, port: int, backlog: int) -> None:
-    """Listen on host:port, print the bound port, and serve until SIGTERM/SIGINT."""
+async def serve(host: str, port: int, backlog: int, sock: socket.socket | None = None) -> None:
+    """Listen on host:port (or on *sock*, bound already), print the bound port (not with
+    *sock*: the parent did), and serve until SIGTERM/SIGINT."""
     loop = asyncio.get_running_loop()
     # Bind the socket here rather than passing host and port: resolving them would run
     # getaddrinfo in a thread pool (libuv's, or asyncio's executor), leaving idle threads
     # behind.  An mpnet worker is handed ready sockets and stays single-threaded, so the
     # baseline does too (a multithreaded process pays slightly more per syscall).
-    sock = socket.create_server((host, port), backlog=backlog)
+    given = sock is not None
+    if sock is None:
+        sock = socket.create_server((host, port), backlog=backlog)
     server = await loop.create_server(EchoProtocol, sock=sock, backlog=backlog)
-    bound = server.sockets[0].getsockname()[1]
-    print(bound, flush=True)
+    if not given:
+        print(server.sockets[0].getsockname()[1], flush=True)
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with server:
         await stop.wait()
+
+
+def run(args: argparse.Namespace, sock: socket.socket | None = None) -> None:
+    """Serve in this process on the loop the options name."""
+    if args.loop == "uvloop":
+        import uvloop
+
+        uvloop.run(serve(args.host, args.port, args.backlog, sock))
+    else:
+        asyncio.run(serve(args.host, args.port, args.backlog, sock))
+
+
+def run_processes(args: argparse.Namespace) -> None:
+    """Bind one SO_REUSEPORT socket per process on one port, fork a server on each, print the
+    port, and stop the servers (by PID) on SIGTERM or SIGINT."""
+    socks: list[socket.socket] = []
+    port = args.port
+    for _ in range(args.processes):
+        sock = socket.create_server((args.host, port), backlog=args.backlog, reuse_port=True)
+        port = sock.getsockname()[1]
+        socks.append(sock)
+    stop = signal.Signals.SIGTERM
+    signal.pthread_sigmask(signal.SIG_BLOCK, {stop, signal.SIGINT})  # until sigwait below
+    children: list[int] = []
+    try:
+        for index, sock in enumerate(socks):
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {stop, signal.SIGINT})
+                    for other in socks[:index] + socks[index + 1 :]:
+                        other.close()
+                    run(args, sock)
+                    code = 0
+                finally:
+                    os._exit(code)
+            children.append(pid)
+            sock.close()
+        print(port, flush=True)
+        signal.sigwait({stop, signal.SIGINT})
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in children:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,14 +126,17 @@ def main(argv: list[str] | None = None) -> int:
         help="event loop implementation (default uvloop)",
     )
     parser.add_argument("--backlog", type=int, default=1024, help="listen backlog (default 1024)")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="server processes sharing the port with SO_REUSEPORT (default 1: this one)",
+    )
     args = parser.parse_args(argv)
-
-    if args.loop == "uvloop":
-        import uvloop
-
-        uvloop.run(serve(args.host, args.port, args.backlog))
+    if args.processes > 1:
+        run_processes(args)
     else:
-        asyncio.run(serve(args.host, args.port, args.backlog))
+        run(args)
     return 0
 
 
