@@ -12,9 +12,11 @@ Usage::
 The first line on stdout is the bound port (useful with port 0).  SIGTERM or SIGINT stops it.
 
 ``--processes N`` (for bench/bench_idle.py's many-connection runs, set against mpnet with N
-workers): N forked server processes, each with its own listening socket on the one port
+workers): N server processes, each with its own listening socket on the one port
 (``SO_REUSEPORT``, as mpnet gives each worker its own), under an idle parent that stops them on
-SIGTERM or SIGINT.
+SIGTERM or SIGINT. Each is a fresh interpreter (started with its socket, ``--fd``), not a fork:
+a forked child would copy, page by page, the parent's free heap as it allocates, which would
+charge the baseline's connections with memory that is not theirs.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import signal
 import socket
+import subprocess
 import sys
 from typing import cast
 
@@ -77,41 +79,40 @@ def run(args: argparse.Namespace, sock: socket.socket | None = None) -> None:
 
 
 def run_processes(args: argparse.Namespace) -> None:
-    """Bind one SO_REUSEPORT socket per process on one port, fork a server on each, print the
+    """Bind one SO_REUSEPORT socket per process on one port, start a server on each, print the
     port, and stop the servers (by PID) on SIGTERM or SIGINT."""
-    socks: list[socket.socket] = []
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(0)  # runs the finally block below
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    children: list[subprocess.Popen[bytes]] = []
     port = args.port
-    for _ in range(args.processes):
-        sock = socket.create_server((args.host, port), backlog=args.backlog, reuse_port=True)
-        port = sock.getsockname()[1]
-        socks.append(sock)
-    stop = signal.Signals.SIGTERM
-    signal.pthread_sigmask(signal.SIG_BLOCK, {stop, signal.SIGINT})  # until sigwait below
-    children: list[int] = []
     try:
-        for index, sock in enumerate(socks):
-            pid = os.fork()
-            if pid == 0:
-                code = 1
-                try:
-                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {stop, signal.SIGINT})
-                    for other in socks[:index] + socks[index + 1 :]:
-                        other.close()
-                    run(args, sock)
-                    code = 0
-                finally:
-                    os._exit(code)
-            children.append(pid)
-            sock.close()
+        for _ in range(args.processes):
+            sock = socket.create_server((args.host, port), backlog=args.backlog, reuse_port=True)
+            port = sock.getsockname()[1]
+            with sock:
+                command = [sys.executable, __file__, str(port), "--loop", args.loop]
+                children.append(
+                    subprocess.Popen(
+                        [*command, "--fd", str(sock.fileno())],
+                        pass_fds=(sock.fileno(),),
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL,
+                        process_group=0,  # its own group: a Ctrl-C is for the parent to pass on
+                    )
+                )
         print(port, flush=True)
-        signal.sigwait({stop, signal.SIGINT})
+        while True:
+            signal.pause()
     finally:
-        for pid in children:
+        for child in children:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        for pid in children:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            child.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,9 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="server processes sharing the port with SO_REUSEPORT (default 1: this one)",
     )
+    parser.add_argument("--fd", type=int, help=argparse.SUPPRESS)  # a listening socket, given
     args = parser.parse_args(argv)
     if args.processes > 1:
         run_processes(args)
+    elif args.fd is not None:
+        run(args, socket.socket(fileno=args.fd))
     else:
         run(args)
     return 0

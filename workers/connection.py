@@ -79,6 +79,8 @@ class WorkerCounters:
     the descriptor limit when not set): they hold a descriptor each but count toward no other
     limit, so silent ones could otherwise lock every client out until their deadline."""
 
+    __slots__ = ("max_connections", "max_unadmitted", "open", "unadmitted")
+
     def __init__(
         self, max_connections: int | None = None, max_unadmitted: int | None = None
     ) -> None:
@@ -105,7 +107,46 @@ def as_bytes(data: Any) -> bytes | bytearray | memoryview:
 
 
 class Service:
-    """A provider at run time in one worker: callbacks, settings, open connections, counters."""
+    """A provider at run time in one worker: callbacks, settings, open connections, counters.
+
+    Slotted: every message reads its ``onincoming`` and adds to its byte counters, and slot
+    access is cheaper than a dict that has outgrown key sharing (over 30 attributes)."""
+
+    __slots__ = (
+        "_next_limit_log",
+        "_next_untrusted_log",
+        "_refusal_reason",
+        "_refused_logged",
+        "_untrusted_logged",
+        "_untrusted_peer",
+        "connection_class",
+        "connections",
+        "counters",
+        "durations",
+        "errors",
+        "handover_class",
+        "handshake_failures",
+        "handshaking",
+        "logger",
+        "name",
+        "onconnect",
+        "ondisconnect",
+        "ondrain",
+        "onincoming",
+        "onreadtimeout",
+        "onstarttls",
+        "per_ip",
+        "provider",
+        "received_bytes",
+        "refused",
+        "refused_by",
+        "sent_bytes",
+        "served",
+        "settings",
+        "untrusted",
+        "waiting",
+        "worker_label",
+    )
 
     def __init__(
         self,
@@ -156,6 +197,7 @@ class Service:
         self.untrusted = 0  # connections refused: not from <service>_proxy_trusted
         self._untrusted_logged = 0
         self._next_untrusted_log = 0.0
+        self._untrusted_peer: Any = None
         self.worker_label = worker_label
         proxied, tls = self.settings.proxy_protocol, self.settings.direct_tls
         # The plain class keeps the plain path free of TLS and PROXY checks.
@@ -306,7 +348,8 @@ class Service:
                 size = conn._transport.get_write_buffer_size()
                 mark = conn._send_mark
                 if not size:
-                    conn._send_mark = None
+                    if mark is not None:
+                        conn._send_mark = None
                 elif mark is None or mark[0] != size:  # the queue moved: stalled from now
                     conn._send_mark = (size, now)
                 elif now - mark[1] >= send_timeout:
@@ -327,7 +370,8 @@ class Connection(asyncio.Protocol):
     every connection needs (slots, no per-instance dict). What few connections need lives in
     the instance ``__dict__``, created on first write, and reads as the class default below
     until then: the reason a connection was closed for, the events queued behind an async
-    callback, and whatever a module or a subclass stores on ``conn``.
+    callback, a send queue that ``send_timeout`` watches, and whatever a module or a subclass
+    stores on ``conn``. Each slot is 8 bytes on every idle connection (bench/bench_idle.py).
     """
 
     __slots__ = (
@@ -336,11 +380,9 @@ class Connection(asyncio.Protocol):
         "_closed",
         "_idle_since",
         "_number",
-        "_onincoming",
         "_paused",
         "_peer",
         "_pending",
-        "_send_mark",
         "_service",
         "_transport",
     )
@@ -348,10 +390,10 @@ class Connection(asyncio.Protocol):
     # Class defaults for state that few connections ever have (see the class docstring).
     _close_reason: str | None = None
     _backlog: deque[tuple[str, Callable[..., Any], tuple[Any, ...]]] | None = None
+    _send_mark: tuple[int, float] | None = None  # (bytes queued, since): send_timeout, if set
 
     def __init__(self, service: Service) -> None:
         self._service = service
-        self._onincoming = service.onincoming
         self._transport: asyncio.Transport | None = None
         self._closed = False
         self._paused = 0
@@ -361,7 +403,6 @@ class Connection(asyncio.Protocol):
         # 0: idle since the next sweep. Data sets it back to 0, so the sweep measures idle
         # time without a clock read (or a counter) per message.
         self._idle_since = 0.0
-        self._send_mark: tuple[int, float] | None = None  # (bytes queued, since) for send_timeout
 
     # -- asyncio protocol ---------------------------------------------------------------------
 
@@ -392,7 +433,7 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._idle_since = 0.0
         self._service.received_bytes += len(data)
-        onincoming = self._onincoming
+        onincoming = self._service.onincoming
         if onincoming is None:
             return
         if self._pending is not None:
