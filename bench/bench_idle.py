@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     # The servers inherit this limit; each of their processes holds about N / servers.
     limit = raise_fd_limit(max(wanted) + 4096)
     args.per_client = min(args.per_client, limit - 1024)
-    counts = [c for c in wanted if c / args.servers * SPREAD_MARGIN + 512 <= limit]
+    margin = SPREAD_MARGIN if args.servers > 1 else 1.0  # one process: no spread
+    counts = [c for c in wanted if c / args.servers * margin + 512 <= limit]
     for count in sorted(set(wanted) - set(counts)):
         print(
             f"skipped N={count}: the descriptor limit is {limit} (the hard limit cannot be raised "

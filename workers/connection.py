@@ -21,6 +21,7 @@ service in a region they share (:mod:`mpnet.iplimit`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import ssl
@@ -136,6 +137,7 @@ class Service:
         "onreadtimeout",
         "onstarttls",
         "per_ip",
+        "protocol_factory",
         "provider",
         "received_bytes",
         "refused",
@@ -208,9 +210,10 @@ class Service:
         )
         # For a connection another service accepted (multiplexing): any TLS is done already.
         self.handover_class: type[Connection] = ProxiedConnection if proxied else Connection
-
-    def protocol_factory(self) -> Connection:
-        return self.connection_class(self)
+        # What the event loop calls per accept: a partial, so no Python frame of its own.
+        self.protocol_factory: Callable[[], Connection] = functools.partial(
+            self.connection_class, self
+        )
 
     def _timed(self, name: str, callback: Callable[..., Any]) -> Callable[..., Any]:
         """*callback*, timing each call into ``durations[name]`` (an async one until it ends)."""
@@ -257,7 +260,7 @@ class Service:
 
     def admit(self, conn: Connection) -> str | None:
         """Why *conn* must be refused (a limit is reached), or None to admit it, in which case
-        :meth:`opened` must follow (its address is counted already)."""
+        ``conn._start`` must follow (its address is counted already)."""
         counters = self.counters
         if counters.max_connections is not None and counters.open >= counters.max_connections:
             return f"max_connections ({counters.max_connections}) reached in this worker"
@@ -316,11 +319,6 @@ class Service:
         )
         self._untrusted_logged = self.untrusted
         self._next_untrusted_log = now + LIMIT_LOG_EVERY
-
-    def opened(self, conn: Connection) -> None:
-        self.connections[conn] = None
-        self.counters.open += 1
-        self.served += 1
 
     def closed(self, conn: Connection) -> None:
         if self.connections.pop(conn, 0) is None:  # it was open (0: it was not)
@@ -424,7 +422,9 @@ class Connection(asyncio.Protocol):
         return True
 
     def _start(self, service: Service) -> None:
-        service.opened(self)
+        service.connections[self] = None  # the counterpart of Service.closed
+        service.counters.open += 1
+        service.served += 1
         if service.ondrain is not None:  # so that ondrain means "queue empty", as documented
             self._transport.set_write_buffer_limits(WRITE_BUFFER_HIGH, 0)  # type: ignore[union-attr]
         if service.onconnect is not None:
