@@ -37,6 +37,7 @@ from .control import ControlServer, Deferred, default_socket_path, service_uids
 from .devreload import FileWatcher
 from .handle import WorkerHandle, describe_exit
 from .health import STALL_GRACE, Health
+from .heap import trim_heap
 from .iplimit import IPCountTable
 from .journal import StateFileError
 from .metrics import MetricsBook, to_json
@@ -500,6 +501,7 @@ class Master:
         log_parent, log_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         sockets = self.ledger.slot_sockets(slot)
         self._before_fork()
+        trim_heap()  # the worker allocates into fresh pages, not copies of free ones (heap.py)
         ip_row = self.ip_counts.acquire()
         pid = os.fork()
         if pid == 0:  # the child: drop everything of the master's, then become the worker
