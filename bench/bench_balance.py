@@ -27,7 +27,6 @@ import shlex
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,29 +52,19 @@ def start_mpnet(workdir: Path, margin: int, args: argparse.Namespace) -> bench_e
     port = bench_echo.free_port()
     module = workdir / "pid.py"
     module.write_text(PID_MODULE)
-    config = workdir / "mpnet.toml"
-    config.write_text(
+    server = bench_echo.launch_mpnet(
+        workdir,
+        port,
         f"workers = {args.workers}\n"
         f'modules = ["{module}"]\n'
         'interfaces = ["127.0.0.1"]\n'
         f"pid_ports = [{port}]\n"
         f"load_margin = {margin}\n"
         'control_socket = "control.sock"\n'
-        "allow_root = true\n"
+        "allow_root = true\n",
+        args.mpnet_cmd,
     )
-    log = workdir / "mpnet.log"
-    with log.open("wb") as logf:
-        proc = subprocess.Popen(
-            [*args.mpnet_cmd, "serve", "-c", str(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=logf,
-            stderr=logf,
-            start_new_session=True,
-            cwd=workdir,
-        )
-    server = bench_echo.Server("mpnet", port, proc, log)
     try:
-        bench_echo.wait_for_port(server, 30)
         wait_ready(workdir, args.workers, set())
     except BaseException:
         server.stop()
@@ -93,7 +82,7 @@ def wait_ready(workdir: Path, workers: int, gone: set[int]) -> None:
         if len(ready) == workers:
             return
         time.sleep(0.05)  # polling the control socket, with the deadline above
-    raise RuntimeError("workers not ready:\n" + bench_echo.tail(workdir / "mpnet.log"))
+    raise RuntimeError(f"workers not ready (log in {workdir})")
 
 
 def greet(port: int) -> tuple[socket.socket, int]:

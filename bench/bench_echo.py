@@ -250,6 +250,31 @@ class Server:
         return took
 
 
+def launch_mpnet(workdir: Path, port: int, config_text: str, mpnet_cmd: list[str]) -> Server:
+    """``mpnet serve`` on *config_text* (written to *workdir*), logging to a file there; returns
+    once *port* accepts. The caller stops it (``Server.stop``), which this does itself if the
+    start fails."""
+    config = workdir / f"mpnet-{port}.toml"
+    config.write_text(config_text)
+    log = workdir / f"mpnet-{port}.log"
+    with log.open("wb") as logf:
+        proc = subprocess.Popen(
+            [*mpnet_cmd, "serve", "-c", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+            start_new_session=True,
+            cwd=workdir,
+        )
+    server = Server("mpnet", port, proc, log)
+    try:
+        wait_for_port(server, 30)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
 def prosody_listening(server: Server) -> bool:
     """Whether Prosody's log says it opened the port; raise if it says it could not.
 

@@ -25,7 +25,6 @@ import shlex
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -83,8 +82,9 @@ def start_mpnet(workdir: Path, stall_timeout: float, args: argparse.Namespace) -
     port = bench_echo.free_port()
     module = workdir / "stall.py"
     module.write_text(STALL_MODULE)
-    config = workdir / f"mpnet-{port}.toml"
-    config.write_text(
+    server = bench_echo.launch_mpnet(
+        workdir,
+        port,
         "workers = 2\n"
         f'modules = ["{module}"]\n'
         'interfaces = ["127.0.0.1"]\n'
@@ -92,25 +92,14 @@ def start_mpnet(workdir: Path, stall_timeout: float, args: argparse.Namespace) -
         f"worker_timeout = {args.stall + 20}\n"
         f"stall_timeout = {stall_timeout}\n"
         'control_socket = "control.sock"\n'
-        "allow_root = true\n"
+        "allow_root = true\n",
+        args.mpnet_cmd,
     )
-    log = workdir / f"mpnet-{port}.log"
-    with log.open("wb") as logf:
-        proc = subprocess.Popen(
-            [*args.mpnet_cmd, "serve", "-c", str(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=logf,
-            stderr=logf,
-            start_new_session=True,
-            cwd=workdir,
-        )
-    server = bench_echo.Server("mpnet", port, proc, log)
     try:
-        bench_echo.wait_for_port(server, 30)
         deadline = time.monotonic() + 30
-        while "ready: 2 worker" not in log.read_text(errors="replace"):
+        while "ready: 2 worker" not in server.log.read_text(errors="replace"):
             if time.monotonic() > deadline:
-                raise RuntimeError("mpnet did not report ready:\n" + bench_echo.tail(log))
+                raise RuntimeError("mpnet did not report ready:\n" + bench_echo.tail(server.log))
             time.sleep(0.05)
     except BaseException:
         server.stop()
