@@ -35,12 +35,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import multiprocessing
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -51,23 +49,20 @@ from pathlib import Path
 
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_echo  # the house helpers (free_port, launch_mpnet, sample_tree)
+
 try:
     import uvloop
 except ImportError:  # pragma: no cover
     uvloop = None
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_redis(directory: str) -> tuple[subprocess.Popen[bytes], str]:
     server = shutil.which("redis-server")
     if server is None:
         sys.exit("redis-server not found (apt-get install redis-server)")
-    port = free_port()
+    port = bench_echo.free_port()
     argv = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
     proc = subprocess.Popen(
         [*argv, "no", "--dir", directory], stdout=subprocess.DEVNULL, start_new_session=True
@@ -242,85 +237,39 @@ BENCH_DIR = Path(__file__).resolve().parent
 ECHO_RAW = BENCH_DIR / "echo_raw.py"
 
 
-class EchoHost:
+def start_echo_host(directory: str, url: str, index: int) -> bench_echo.Server:
     """One ``mpnet serve`` with the Redis backend and 1 worker serving bench/echo_raw.py: a
     "host" of the echo scaling figure (its own port on 127.0.0.1), stopped by PID."""
-
-    def __init__(self, directory: str, url: str, index: int) -> None:
-        self.port = free_port()
-        config = Path(directory) / f"echo{index}.toml"
-        text = (
-            f"workers = 1\nmodules = [{json.dumps(str(ECHO_RAW))}]\n"
-            f'interfaces = ["127.0.0.1"]\necho_raw_ports = [{self.port}]\n'
-            f'shared_backend = "redis"\nredis_url = "{url}"\nredis_prefix = "bench:"\n'
-            f'control_socket = "echo{index}.sock"\n'
-        )
-        if os.geteuid() == 0:
-            text += "allow_root = true\n"
-        config.write_text(text)
-        self.log = open(Path(directory) / f"echo{index}.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mpnet", "serve", "-c", str(config)],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 30
-        while not _accepts(self.port):
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.stop()
-                sys.exit(f"mpnet did not start; see {self.log.name}")
-            time.sleep(0.05)
-
-    def cpu(self) -> float:
-        """CPU seconds of the master and its workers (reaped children included)."""
-        return _tree_cpu(self.proc.pid)
-
-    def stop(self) -> None:
-        pids = [self.proc.pid]
-        with contextlib.suppress(psutil.NoSuchProcess):
-            pids += [c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)]
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # quick stop
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(10)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self.proc.wait(10)
-        self.log.close()
+    port = bench_echo.free_port()
+    text = (
+        f"workers = 1\nmodules = [{json.dumps(str(ECHO_RAW))}]\n"
+        f'interfaces = ["127.0.0.1"]\necho_raw_ports = [{port}]\n'
+        f'shared_backend = "redis"\nredis_url = "{url}"\nredis_prefix = "bench:"\n'
+        f'control_socket = "echo{index}.sock"\n'
+    )
+    if os.geteuid() == 0:
+        text += "allow_root = true\n"
+    workdir = Path(directory) / f"echo{index}"
+    workdir.mkdir()
+    server = bench_echo.launch_mpnet(workdir, port, text, [sys.executable, "-m", "mpnet"])
+    server.remember_tree()
+    return server
 
 
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-def _tree_cpu(pid: int) -> float:
-    total = 0.0
-    root = psutil.Process(pid)
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            t = proc.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += t.user + t.system + t.children_user + t.children_system
-    return total
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and its descendants (reaped children included)."""
+    return bench_echo.sample_tree(psutil.Process(pid)).total
 
 
 ECHO: dict[int, list[tuple[float, float, float]]] = {}  # hosts -> (msgs/s, mpnet µs, redis µs)
 
 
 def echo_round(
-    hosts: list[EchoHost], redis_pid: int, loadgen: Path, connections: int, seconds: float
+    hosts: list[bench_echo.Server], redis_pid: int, loadgen: Path, connections: int, seconds: float
 ) -> None:
     """Echo on every instance of *hosts* at once, the connections split evenly."""
     share = max(1, connections // len(hosts))
-    before = [host.cpu() for host in hosts], _tree_cpu(redis_pid)
+    before = [tree_cpu(host.proc.pid) for host in hosts], tree_cpu(redis_pid)
     runs = [
         subprocess.Popen(
             [
@@ -346,8 +295,8 @@ def echo_round(
         if run.returncode != 0:
             sys.exit(f"loadgen failed: {err.decode(errors='replace')}")
         results.append(json.loads(out))
-    mpnet_cpu = sum(host.cpu() for host in hosts) - sum(before[0])
-    redis_cpu = _tree_cpu(redis_pid) - before[1]
+    mpnet_cpu = sum(tree_cpu(host.proc.pid) for host in hosts) - sum(before[0])
+    redis_cpu = tree_cpu(redis_pid) - before[1]
     messages = sum(int(r["messages"]) for r in results)
     errors = sum(sum(int(v) for v in r.get("errors", {}).values()) for r in results)
     if errors:
@@ -380,11 +329,11 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     with tempfile.TemporaryDirectory() as directory:
         proc, url = start_redis(directory)
-        echo_hosts: list[EchoHost] = []
+        echo_hosts: list[bench_echo.Server] = []
         try:
             if args.scaling:
                 for index in range(3):
-                    echo_hosts.append(EchoHost(directory, url, index))
+                    echo_hosts.append(start_echo_host(directory, url, index))
             rates: dict[str, list[float]] = {"shared": [], "redis-py": []}
             local_ns, get_ns = [], []
             scaling: dict[int, list[float]] = {}

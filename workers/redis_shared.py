@@ -179,7 +179,7 @@ class RedisSharedState:
         self._seq_waiters: list[tuple[int, int, asyncio.Future[Any], Any]] = []
         self._order = itertools.count()
         self._unavailable: str | None = "not connected yet"
-        self._changed_at = time.time()  # when _unavailable last changed (wall clock: for status)
+        self._changed_at = time.time()  # _set_unavailable's last call (wall clock: for status)
         self._last_error = ""
         self._losses = 0
         self._sub_heard = 0.0
@@ -271,16 +271,15 @@ class RedisSharedState:
         except SharedUnavailable as exc:
             if required:
                 raise RedisUnreachable(f"redis_url {redacted(self.url)}: {exc}") from None
-            self._unavailable = f"Redis unavailable: {exc}"
-            self._last_error = str(exc)
-            self._changed_at = time.time()
+            self._set_unavailable(str(exc))
             log.warning(
                 "redis: %s unreachable at start (%s); serving anyway, shared writes and "
                 "atomics fail until it is back",
                 redacted(self.url),
                 exc,
             )
-        self._background = asyncio.ensure_future(self._watch(failures=int(bool(self._unavailable))))
+        failed_at_start = 0 if self._unavailable is None else 1
+        self._background = asyncio.ensure_future(self._watch(failures=failed_at_start))
 
     def report(self) -> dict[str, Any]:
         """This worker's view of Redis for the master (``mpnet status``, the metrics): state,
@@ -408,8 +407,7 @@ class RedisSharedState:
         self._install(snapshot, start_seq)
         self._live = [reader, asyncio.ensure_future(self._read_replies(cmd))]
         self._sub_heard = time.monotonic()
-        self._unavailable = None
-        self._changed_at = time.time()
+        self._set_unavailable(None)
 
     def _install(self, snapshot: dict[str, dict[Any, Any]], seq: int) -> None:
         """Replace every replica with *snapshot*, then replay the changes heard since."""
@@ -609,12 +607,17 @@ class RedisSharedState:
     def _deliver(self, topic: str, payload: Any) -> None:
         run_hooks(self._hooks.get(topic, ()), topic, payload, self._tasks)
 
+    def _set_unavailable(self, error: str | None) -> None:
+        """Unavailable because of *error*, or (None) available again; since now, for status."""
+        self._unavailable = None if error is None else f"Redis unavailable: {error}"
+        self._changed_at = time.time()
+        if error is not None:
+            self._last_error = error
+
     def _lost(self, reason: str) -> None:
         if self._unavailable is not None:
             return
-        self._unavailable = f"Redis unavailable: {reason}"
-        self._changed_at = time.time()
-        self._last_error = reason
+        self._set_unavailable(reason)
         self._losses += 1
         log.warning(
             "redis: connection to %s lost (%s); shared writes and atomics fail until it is back",
