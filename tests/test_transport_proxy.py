@@ -366,6 +366,7 @@ def test_only_trusted_proxies_may_send_a_header(whois, tmp_path):
         )
         with Client(front) as after:  # the trusted path is unharmed
             assert _answer(after)[:2] == after.sock.getsockname()
+    server.wait_log(r"\[whois\] info: onconnect", count=2)  # the log comes a moment later
     assert server.log.count("refused") == 1  # rate-limited: one line for the burst
     assert server.log.count("[whois] info: onconnect") == 2  # the module saw only HAProxy's
 
