@@ -91,6 +91,16 @@ def test_address_and_a_close_from_inside_a_callback_reach_ondisconnect_once(trac
         assert svc.module_globals("trace")["disconnects"] == [(c.conn.id, "said bye")]
 
 
+def test_connection_ids_are_unique_and_numbered_when_first_asked_for(trace):
+    with load(trace) as svc:
+        first, second, third = svc.connect(), svc.connect(), svc.connect()
+        asked = [second.conn.id, first.conn.id, second.conn.id, third.conn.id]
+        assert asked[0] == asked[2]  # the same connection keeps its id
+        assert len(set(asked)) == 3
+        numbers = [int(text.rsplit("c", 1)[1]) for text in asked]
+        assert numbers[0] < numbers[1] < numbers[3]
+
+
 def test_async_callbacks_keep_order_and_wait_for_the_clock(trace):
     with load(trace) as svc:
         c = svc.connect()

@@ -36,6 +36,7 @@ from mpnet.pure.metrics import DurationHistogram
 from mpnet.pure.proxyproto import ProxyHeaderParser, ProxyProtocolError
 from mpnet.pure.trusted import TrustedNetworks
 
+from .open_connections import OpenConnections
 from .tls import ServerHandshake, handshake_failed
 
 if TYPE_CHECKING:
@@ -43,9 +44,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mpnet.connection")
 
+# Connection._flags: why reading is paused (any of three reasons), and whether it is closed.
 PAUSED_BY_MODULE = 1
 PAUSED_BY_CALLBACK = 2
 PAUSED_BY_BACKPRESSURE = 4
+PAUSED = PAUSED_BY_MODULE | PAUSED_BY_CALLBACK | PAUSED_BY_BACKPRESSURE
+CLOSED = 8
 
 WRITE_BUFFER_HIGH = 64 * 1024
 LIMIT_LOG_EVERY = 10.0  # seconds between log lines about refused connections, per service
@@ -177,11 +181,8 @@ class Service:
         self.ondrain = callbacks.get("ondrain")
         self.onreadtimeout = callbacks.get("onreadtimeout")
         self.onstarttls = callbacks.get("onstarttls")
-        # The module's open connections, in accept order; values unused. A dict rather than a set:
-        # a set's table grows 4-fold and stays at most 60 % full (about 100 B per entry at
-        # 10,000 connections), a dict's entries are packed and its index grows 2-fold (about
-        # 30 B): the largest per-connection item after the connection object itself.
-        self.connections: dict[Connection, None] = {}
+        # The module's open connections, in accept order.
+        self.connections: OpenConnections[Connection] = OpenConnections()
         # Connections still waiting for their PROXY header (not yet visible to the module).
         self.waiting: set[ProxiedConnection] = set()
         # Direct-TLS connections during their handshake (not yet visible to the module either).
@@ -321,7 +322,7 @@ class Service:
         self._next_untrusted_log = now + LIMIT_LOG_EVERY
 
     def closed(self, conn: Connection) -> None:
-        if self.connections.pop(conn, 0) is None:  # it was open (0: it was not)
+        if self.connections.discard(conn):  # it was open
             self.counters.open -= 1
             if self.per_ip is not None:
                 self.per_ip.remove((self.name, conn.ip()))
@@ -336,7 +337,7 @@ class Service:
         header_timeout = settings.ssl_handshake_timeout
         # Without read or send timeouts there is nothing to watch per connection.
         for conn in list(self.connections) if read_timeout or send_timeout else ():
-            if conn._closed:
+            if conn._flags & CLOSED:
                 continue
             if not conn._idle_since:  # first sight, or data came since: idle from now
                 conn._idle_since = now
@@ -375,10 +376,11 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "__dict__",
         "__weakref__",
-        "_closed",
+        "_flags",
         "_idle_since",
+        "_newer",
         "_number",
-        "_paused",
+        "_older",
         "_peer",
         "_pending",
         "_service",
@@ -393,11 +395,12 @@ class Connection(asyncio.Protocol):
     def __init__(self, service: Service) -> None:
         self._service = service
         self._transport: asyncio.Transport | None = None
-        self._closed = False
-        self._paused = 0
+        self._flags = 0
         self._pending: asyncio.Future[Any] | None = None
         self._peer: tuple[Any, ...] | None = None
-        self._number = next(_ids)  # ids follow the accept order, which logs rely on
+        self._number = 0  # numbered when the id is first asked for (see id)
+        self._older: Connection | None = None  # neighbours in Service.connections
+        self._newer: Connection | None = None
         # 0: idle since the next sweep. Data sets it back to 0, so the sweep measures idle
         # time without a clock read (or a counter) per message.
         self._idle_since = 0.0
@@ -413,7 +416,7 @@ class Connection(asyncio.Protocol):
         one is never seen by the module (no onconnect, no ondisconnect)."""
         why = service.admit(self)
         if why is not None:
-            self._closed = True
+            self._flags |= CLOSED
             if self._backlog is not None:
                 self._backlog = None
             service.refuse(self, transport, why)  # type: ignore[arg-type]
@@ -422,7 +425,7 @@ class Connection(asyncio.Protocol):
         return True
 
     def _start(self, service: Service) -> None:
-        service.connections[self] = None  # the counterpart of Service.closed
+        service.connections.add(self)  # the counterpart of Service.closed
         service.counters.open += 1
         service.served += 1
         if service.ondrain is not None:  # so that ondrain means "queue empty", as documented
@@ -456,13 +459,13 @@ class Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._unpause(PAUSED_BY_BACKPRESSURE)
         ondrain = self._service.ondrain
-        if ondrain is not None and not self._closed:
+        if ondrain is not None and not self._flags & CLOSED:
             self._event("ondrain", ondrain, ())
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._closed and self not in self._service.connections:
+        if self._flags & CLOSED and self not in self._service.connections:
             return  # refused by a limit, never admitted
-        self._closed = True
+        self._flags |= CLOSED
         service = self._service
         service.closed(self)
         err = self._close_reason
@@ -518,15 +521,15 @@ class Connection(asyncio.Protocol):
             self._unpause(PAUSED_BY_CALLBACK)
 
     def _pause(self, reason: int) -> None:
-        was = self._paused
-        self._paused = was | reason
-        if not was and self._transport is not None and not self._closed:
+        was = self._flags
+        self._flags = was | reason
+        if not was & PAUSED and self._transport is not None and not was & CLOSED:
             self._transport.pause_reading()
 
     def _unpause(self, reason: int) -> None:
-        was = self._paused
-        self._paused = was & ~reason
-        if was and not self._paused and self._transport is not None and not self._closed:
+        was = self._flags
+        now = self._flags = was & ~reason
+        if was & PAUSED and not now & PAUSED and self._transport is not None and not now & CLOSED:
             self._transport.resume_reading()
 
     def _read_timed_out(self) -> None:
@@ -583,7 +586,7 @@ class Connection(asyncio.Protocol):
             self._handshake.task.cancel()  # _tls_done aborts it
             return
         service.waiting.discard(self)  # type: ignore[arg-type]
-        self._closed = True
+        self._flags |= CLOSED
         if self._transport is not None:
             self._transport.abort()
 
@@ -613,7 +616,7 @@ class Connection(asyncio.Protocol):
         exc = asyncio.CancelledError() if task.cancelled() else task.exception()
         transport = None if exc is not None else task.result()
         if transport is None:  # start_tls gives None for a transport closed meanwhile
-            self._closed = True
+            self._flags |= CLOSED
             if self._backlog is not None:
                 self._backlog = None
             service.handshake_failed(self, exc or ConnectionError("closed during the handshake"))
@@ -646,14 +649,14 @@ class Connection(asyncio.Protocol):
         queued) until the queue drains (``ondrain``); past ``max_send_buffer_size`` the
         connection is closed with "no space left in buffer".
         """
-        if self._closed:
+        if self._flags & CLOSED:
             return False
         if data.__class__ is not bytes:  # bytes: one check; str: two; the rest: a call
             data = data.encode() if data.__class__ is str else as_bytes(data)  # type: ignore[union-attr, assignment]
         self._service.sent_bytes += len(data)
         transport = self._transport
         transport.write(data)  # type: ignore[union-attr, arg-type]
-        if self._paused & PAUSED_BY_BACKPRESSURE and (
+        if self._flags & PAUSED_BY_BACKPRESSURE and (
             transport.get_write_buffer_size()  # type: ignore[union-attr]
             > self._service.settings.max_send_buffer_size
         ):
@@ -667,7 +670,7 @@ class Connection(asyncio.Protocol):
 
     def close(self, reason: str | None = None) -> None:
         """Close after what was written has been sent; ``ondisconnect`` gets *reason*."""
-        if self._closed or self._transport is None:
+        if self._flags & CLOSED or self._transport is None:
             return
         if reason is not None and self._close_reason is None:
             self._close_reason = reason
@@ -675,13 +678,13 @@ class Connection(asyncio.Protocol):
 
     def abort(self, reason: str | None = None) -> None:
         """Close at once, dropping unsent data."""
-        if self._closed or self._transport is None:
+        if self._flags & CLOSED or self._transport is None:
             return
         if reason is not None and self._close_reason is None:
             self._close_reason = reason
         # Closed from now on (write() answers False, buffered() 0), not when the loop gets
         # round to connection_lost; connection_lost still runs ondisconnect, once.
-        self._closed = True
+        self._flags |= CLOSED
         self._transport.abort()
 
     def _drop(self, reason: str, detail: str) -> None:
@@ -707,7 +710,7 @@ class Connection(asyncio.Protocol):
 
     def buffered(self) -> int:
         """Bytes written but not yet sent."""
-        if self._transport is None or self._closed:
+        if self._transport is None or self._flags & CLOSED:
             return 0
         return self._transport.get_write_buffer_size()
 
@@ -802,8 +805,15 @@ class Connection(asyncio.Protocol):
 
     @property
     def id(self) -> str:
-        """A short identifier, unique within the worker's lifetime."""
-        return f"{self._service.worker_label}c{self._number}"
+        """A short identifier, unique within the worker's lifetime.
+
+        Connections are numbered in the order their id is first asked for (by a log line, the
+        module, ``repr``), not in accept order: a number above 256 is an int object of its own,
+        which most idle connections would carry without anyone ever reading it."""
+        number = self._number
+        if not number:
+            number = self._number = next(_ids)
+        return f"{self._service.worker_label}c{number}"
 
     @property
     def service(self) -> str:
@@ -811,7 +821,7 @@ class Connection(asyncio.Protocol):
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return bool(self._flags & CLOSED)
 
     def describe_peer(self) -> str:
         ip, port = self._peername()[:2]
@@ -863,7 +873,7 @@ class ProxiedConnection(Connection):
         if trusted is not None:
             peer = transport.get_extra_info("peername")
             if not peer or peer[0] not in trusted:
-                self._closed = True
+                self._flags |= CLOSED
                 transport.abort()  # type: ignore[attr-defined]
                 self._service.refuse_untrusted(peer)
                 return
@@ -901,7 +911,7 @@ class ProxiedConnection(Connection):
         self._admission_settled()
         transport = self._transport
         assert transport is not None  # set in connection_made, before any header byte
-        if self._admit(self._service, transport) and remaining and not self._closed:
+        if self._admit(self._service, transport) and remaining and not self._flags & CLOSED:
             self.data_received(remaining)
 
     def _proxy_failed(self, reason: str) -> None:
@@ -911,7 +921,7 @@ class ProxiedConnection(Connection):
         self._service.logger.info(
             "service %s: closing connection from %s: %s", self._service.name, peer, reason
         )
-        self._closed = True
+        self._flags |= CLOSED
         if self._transport is not None:
             self._transport.abort()
 
@@ -919,7 +929,7 @@ class ProxiedConnection(Connection):
         self._service.waiting.discard(self)
         if self._parser is not None:
             self._admission_settled()
-            self._closed = True
+            self._flags |= CLOSED
             return  # never reached the module
         Connection.connection_lost(self, exc)
 
@@ -954,7 +964,7 @@ class OutgoingConnection(Connection):
         self.connecting = True
 
     def write(self, data: bytes | str) -> bool:
-        if self.connecting and not self._closed:
+        if self.connecting and not self._flags & CLOSED:
             self._early.append(bytes(as_bytes(data)))
             return True
         return Connection.write(self, data)
@@ -962,7 +972,7 @@ class OutgoingConnection(Connection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.connecting = False
         self._transport = transport  # type: ignore[assignment]
-        if self._closed:  # closed by the module while connecting
+        if self._flags & CLOSED:  # closed by the module while connecting
             transport.close()
             return
         self._start(self._service)
@@ -998,7 +1008,7 @@ class OutgoingConnection(Connection):
         if not self.connecting:
             return
         self.connecting = False
-        self._closed = True
+        self._flags |= CLOSED
         self._close_reason = reason
         self._early = []
         ondisconnect = self._service.ondisconnect
