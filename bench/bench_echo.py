@@ -5,6 +5,7 @@ Run by hand (not in CI), after ``bench/build.sh``::
     python bench/bench_echo.py [--rounds 5] [--seconds 5] [--connections 50]
     python bench/bench_echo.py --baselines uvloop,node,prosody
     python bench/bench_echo.py --metrics    # mpnet with metrics off vs on (and the histogram)
+    python bench/bench_echo.py --together --pin --rounds 12 --seconds 3   # both in one window
 
 The baselines, each echoing every chunk straight back: ``uvloop`` (a raw ``asyncio.Protocol``
 server on uvloop, bench/baseline_echo.py; the default), ``asyncio`` (the same on the stdlib loop),
@@ -24,6 +25,19 @@ Over each load window it samples the CPU time (user + system) of the server's wh
 (the root process and all its descendants), so the result depends much less on how much CPU the
 noisy machine happened to leave over: *messages per server CPU-second* is the figure to compare.
 The headline is the ratio mpnet / baseline of that figure, the median of the per-round ratios.
+
+``--together`` runs the kinds at the same time instead of one after the other: in every round all
+servers are started and warmed up, then for each test every server gets its own loadgen (the same
+command, so the same connections as alone), all loadgens run over the same window, and every tree
+is sampled before and after it.  Why: on a shared VM one server's work per CPU-second drifts by
++-20 % between windows a few seconds apart (CPU steal, frequency), so sequential rounds give
+per-round ratios from 0.7 to 1.2 even on a quiet machine; servers sharing one window (and, with
+``--pin``, one CPU) see the same conditions, and the drift cancels out of their ratio.  The order
+in which the servers start and their loadgens are launched rotates from round to round, and each
+server's share of the CPU is printed per window and summarized: the ratio is fair only if the
+scheduler gave them comparable shares (within BALANCED of each other).  The absolute figures are
+not those of a server alone (each has about half a core, so it batches more per wake-up); only
+the ratios carry over.
 
 ``--metrics`` measures what metrics cost instead: mpnet as usual against ``mpnet-m`` (the same
 with ``metrics_listen`` set, scraped once a second during every window) and ``mpnet-h`` (that,
@@ -87,6 +101,9 @@ TARGETS: dict[tuple[str, str], float] = {
 # most) then do less work per CPU-second, so the ratios are also shown over the rounds in which
 # both servers got at least this much.
 SATURATED = 0.7
+# With --together, a window in which one server got less than this fraction of the other's CPU
+# is flagged, and the ratios are also shown over the windows in which the shares were this close.
+BALANCED = 0.8
 EXIT_SKIPPED = 3  # everything ran cleanly, but a requested baseline's binary was missing
 
 
@@ -373,6 +390,7 @@ def server_command(
     """The command line (and environment, None to inherit) of one server of the given kind."""
     # bench_idle.py's many-connection runs use several worker processes (one without it).
     workers = getattr(args, "workers", 1)
+    env: dict[str, str] | None = None  # None: this process's environment
     if kind == "mpnet" or kind in METRICS_KINDS or kind == REFERENCE_KIND:
         config = workdir / f"mpnet-{port}.toml"
         text = (
@@ -399,7 +417,6 @@ def server_command(
         return command, None
     if kind == "node":
         # One worker, as mpnet runs with --workers 1; the primary counts in the tree's CPU.
-        env = None
         if args.node_sched:
             env = {**os.environ, "NODE_CLUSTER_SCHED_POLICY": args.node_sched}
         return [args.node, str(NODE_ECHO), str(port), "1", "127.0.0.1"], env
@@ -472,20 +489,51 @@ class Run:
         return self.messages / self.server_cpu if self.server_cpu > 0 else float("nan")
 
 
-def run_loadgen(cmd: list[str], timeout: float, cpu: int | None) -> dict[str, Any]:
-    """Run loadgen to completion and return its JSON result; kill it if anything goes wrong."""
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=pin_to(cpu)
-    )
+def run_loadgens(
+    cmds: list[list[str]], timeout: float, cpu: int | None
+) -> list[tuple[dict[str, Any], float]]:
+    """Run loadgens at the same time, launched in the order given, and wait for them all.
+
+    Returns, per command, loadgen's JSON result and the CPU seconds that loadgen used.  Each is
+    waited for within *timeout* seconds of the launch; if anything goes wrong, every one still
+    running is killed by PID.
+    """
+    deadline = time.monotonic() + timeout
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        out, err = proc.communicate(timeout=timeout)
+        for cmd in cmds:
+            procs.append(
+                subprocess.Popen(
+                    cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=pin_to(cpu)
+                )
+            )
+        return [reap_loadgen(proc, deadline) for proc in procs]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def reap_loadgen(proc: subprocess.Popen[bytes], deadline: float) -> tuple[dict[str, Any], float]:
+    """Wait for one loadgen until *deadline* (monotonic), reap it, return its JSON and CPU time.
+
+    Its CPU time is how much RUSAGE_CHILDREN grew while reaping it: exact, since this script
+    reaps no other child meanwhile (servers are reaped when stopped, after the window), and
+    per loadgen even when several ran at once.
+    """
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out, err = proc.communicate(timeout=max(0.0, deadline - time.monotonic()))
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"loadgen failed ({proc.returncode}): {err.decode(errors='replace')}")
-    return json.loads(out)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return json.loads(out), cpu
+
+
+def run_loadgen(cmd: list[str], timeout: float, cpu: int | None) -> dict[str, Any]:
+    """Run one loadgen to completion and return its JSON result (see run_loadgens)."""
+    return run_loadgens([cmd], timeout, cpu)[0][0]
 
 
 def loadgen_cmd(test: str, port: int, seconds: float, args: argparse.Namespace) -> list[str]:
@@ -538,19 +586,42 @@ def scraping(port: int | None) -> Iterator[None]:
             print(f"  ! {len(failures)} scrape(s) failed: {failures[0]}")
 
 
-def measure(server: Server, test: str, rnd: int, args: argparse.Namespace) -> Run:
-    """Run one load window and account the server tree's CPU over it."""
-    root = server.ps
-    cmd = loadgen_cmd(test, server.port, args.seconds, args)
-    before = sample_tree(root)
-    lg_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.monotonic()
-    with scraping(metrics_ports.get(server.port)):
-        result = run_loadgen(cmd, args.seconds + 60, args.loadgen_cpu)
-    wall = time.monotonic() - t0
-    lg_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    after = sample_tree(root)
+def measure(servers: list[Server], test: str, rnd: int, args: argparse.Namespace) -> list[Run]:
+    """Run one load window over *servers* and account each server tree's CPU over it.
 
+    Each server gets its own loadgen with the normal mode's command line (so the load it would
+    get alone), all launched at once in the order of *servers* (which the caller rotates), and
+    every tree is sampled before the first launch and after the last loadgen ended: one shared
+    window, so that the servers' figures saw the same machine.
+    """
+    roots = [server.ps for server in servers]
+    cmds = [loadgen_cmd(test, server.port, args.seconds, args) for server in servers]
+    before = [sample_tree(root) for root in roots]
+    t0 = time.monotonic()
+    with contextlib.ExitStack() as scrapers:
+        for server in servers:
+            scrapers.enter_context(scraping(metrics_ports.get(server.port)))
+        results = run_loadgens(cmds, args.seconds + 60, args.loadgen_cpu)
+    wall = time.monotonic() - t0
+    after = [sample_tree(root) for root in roots]
+    return [
+        account(server, test, rnd, b, a, result, wall, lg_cpu)
+        for server, b, a, (result, lg_cpu) in zip(servers, before, after, results, strict=True)
+    ]
+
+
+def account(
+    server: Server,
+    test: str,
+    rnd: int,
+    before: TreeSample,
+    after: TreeSample,
+    result: dict[str, Any],
+    wall: float,
+    lg_cpu: float,
+) -> Run:
+    """The Run of one server over a window: its tree's CPU between the two samples, by process,
+    and whether the tree changed in between."""
     changed = None
     if set(before.cpu) != set(after.cpu):
         gone = sorted(pid for pid, _ in set(before.cpu) - set(after.cpu))
@@ -565,7 +636,6 @@ def measure(server: Server, test: str, rnd: int, args: argparse.Namespace) -> Ru
         for key in after.cpu
     }
     cpu = after.total - before.total
-    lg_cpu = (lg_after.ru_utime - lg_before.ru_utime) + (lg_after.ru_stime - lg_before.ru_stime)
     server.remember_tree()
     return Run(server.kind, rnd, test, result, cpu, by_process, wall, lg_cpu, changed)
 
@@ -588,8 +658,61 @@ def fmt_errors(errors: dict[str, int]) -> str:
     return " ".join(nonzero) if nonzero else "-"
 
 
+def spread(values: list[float]) -> str:
+    """'median [min .. max]' of a non-empty list, and from four values on the interquartile
+    range 'IQR q1 .. q3' (how far the middle half of the rounds spread)."""
+    text = f"{median(values):5.3f} [{min(values):.3f} .. {max(values):.3f}]"
+    if len(values) >= 4:
+        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+        text += f" IQR {q1:.3f} .. {q3:.3f}"
+    return text
+
+
+def windows(runs: list[Run], together: bool) -> list[list[Run]]:
+    """The measured windows: each run on its own, or with --together a round's test."""
+    if not together:
+        return [[run] for run in runs]
+    grouped: dict[tuple[int, str], list[Run]] = {}
+    for run in runs:
+        grouped.setdefault((run.round, run.test), []).append(run)
+    return list(grouped.values())
+
+
+def share_balance(a: Run, b: Run) -> float:
+    """The smaller of two runs' CPU shares over the larger: 1.0 when they got the same."""
+    low, high = sorted((a.cpu_share, b.cpu_share))
+    return low / high if high > 0 else 0.0
+
+
+def comparable(a: Run, b: Run, together: bool) -> bool:
+    """Whether two runs' work per CPU-second compares fairly.
+
+    One after the other, both servers must have had at least SATURATED of a core (a starved
+    server does less per CPU-second); together they share a core, and neither may have had
+    less than BALANCED of the other's CPU.
+    """
+    if together:
+        return share_balance(a, b) >= BALANCED
+    return min(a.cpu_share, b.cpu_share) >= SATURATED
+
+
+def print_window(window: list[Run]) -> None:
+    """After a --together window's runs: the servers' shares of a core, and mpnet's
+    per-CPU-second ratio to each other server, to follow the fairness as it runs."""
+    shares = " + ".join(f"{run.kind} {run.cpu_share:.0%}" for run in window)
+    line = f"      together: CPU {shares} = {sum(run.cpu_share for run in window):.0%} of a core"
+    mpnet = next((run for run in window if run.kind == "mpnet"), None)
+    if mpnet is not None:
+        line += "".join(
+            f", mpnet / {run.kind} {mpnet.per_cpu / run.per_cpu:.3f} per CPU-s"
+            for run in window
+            if run is not mpnet and run.per_cpu > 0
+        )
+    print(line)
+
+
 def print_run(run: Run) -> None:
-    """One line per measured window, printed as soon as it is done."""
+    """One line per server and measured window, printed as soon as it is done."""
     r = run.result
     unit = "msg/s" if run.test == "echo" else "conn/s"
     errors = fmt_errors(run.errors)
@@ -616,6 +739,8 @@ def summarize(runs: list[Run], kinds: list[str], args: argparse.Namespace) -> No
         f"echo = {args.connections} connections x "
         f"{args.size}-byte messages, connect = {args.connect_concurrency} concurrent loops, "
         f"{args.seconds} s windows"
+        + (", all kinds together in each window" if args.together else "")
+        + f"; load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
     print("=" * 100)
     header = (
@@ -638,43 +763,56 @@ def summarize(runs: list[Run], kinds: list[str], args: argparse.Namespace) -> No
                 f"{median([r.per_cpu for r in sel]):>12.0f}"
                 f"{errs:>8}"
             )
-    busy = [r for r in runs if r.server_cpu < 0.8 * r.wall]
+    measured = windows(runs, args.together)
+    busy = [w for w in measured if sum(r.server_cpu for r in w) < 0.8 * w[0].wall]
     if busy:
         print(
-            f"note: in {len(busy)} of {len(runs)} windows the server got less than 80 % of a core "
-            f"(load average now {os.getloadavg()[0]:.2f}): the machine was busy, so raw rates "
-            "are unreliable; the per-CPU-second figures hold up better"
+            f"note: in {len(busy)} of {len(measured)} windows the "
+            f"{'servers together' if args.together else 'server'} got less than 80 % of a core: "
+            "the machine was busy, so raw rates are unreliable; the per-CPU-second figures hold "
+            "up better"
         )
     if "mpnet" not in kinds:
         return
     print()
-    print("Ratios mpnet / baseline (median of the per-round ratios, [min .. max]):")
+    print(
+        "Ratios mpnet / baseline (median of the per-round ratios, [min .. max], interquartile "
+        "range):"
+    )
+    if args.together:
+        fair = f"the CPU shares were within {BALANCED:.0%} of each other"
+    else:
+        fair = f"both had >= {SATURATED:.0%} of a core"
+    indent = " " * 23
     verdicts: list[str] = []
     for base in (k for k in kinds if k != "mpnet"):
         for test in TESTS:
-            per_cpu: list[float] = []
-            rate: list[float] = []
-            saturated: list[float] = []  # rounds in which both servers had most of a core
+            pairs: list[tuple[Run, Run]] = []  # (mpnet, base) per round
             for rnd in range(1, args.rounds + 1):
                 m = [r for r in runs if r.kind == "mpnet" and r.test == test and r.round == rnd]
                 b = [r for r in runs if r.kind == base and r.test == test and r.round == rnd]
                 if m and b and b[0].per_cpu > 0 and b[0].result["rate_per_s"] > 0:
-                    per_cpu.append(m[0].per_cpu / b[0].per_cpu)
-                    rate.append(m[0].result["rate_per_s"] / b[0].result["rate_per_s"])
-                    if min(m[0].cpu_share, b[0].cpu_share) >= SATURATED:
-                        saturated.append(per_cpu[-1])
-            if not per_cpu:
+                    pairs.append((m[0], b[0]))
+            if not pairs:
                 continue
+            per_cpu = [m.per_cpu / b.per_cpu for m, b in pairs]
+            rate = [m.result["rate_per_s"] / b.result["rate_per_s"] for m, b in pairs]
             print(
-                f"  {test:<8} vs {base:<8} per CPU-second: {median(per_cpu):5.3f} "
-                f"[{min(per_cpu):.3f} .. {max(per_cpu):.3f}]   "
+                f"  {test:<8} vs {base:<8} per CPU-second: {spread(per_cpu)}   "
                 f"raw rate: {median(rate):5.3f} [{min(rate):.3f} .. {max(rate):.3f}]"
             )
-            if saturated and len(saturated) < len(per_cpu):
+            print(f"{indent}per round: {' '.join(f'{x:.3f}' for x in per_cpu)}")
+            if args.together:
+                shares = [m.cpu_share / b.cpu_share for m, b in pairs if b.cpu_share > 0]
+                if shares:
+                    print(f"{indent}CPU share mpnet / {base}: {spread(shares)}")
+            fair_ratios = [
+                m.per_cpu / b.per_cpu for m, b in pairs if comparable(m, b, args.together)
+            ]
+            if len(fair_ratios) < len(per_cpu):
                 print(
-                    f"  {'':<8}    {'':<8} per CPU-second in the {len(saturated)} of "
-                    f"{len(per_cpu)} rounds where both had >= {SATURATED:.0%} of a core: "
-                    f"{median(saturated):5.3f} [{min(saturated):.3f} .. {max(saturated):.3f}]"
+                    f"{indent}per CPU-second in the {len(fair_ratios)} of {len(per_cpu)} rounds "
+                    f"where {fair}: {spread(fair_ratios) if fair_ratios else '-'}"
                 )
             if base in METRICS_KINDS:
                 # per_cpu is off/on of messages per CPU-second: on costs this much more CPU
@@ -850,6 +988,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="pin loadgen to the first CPU and the server's process tree to the last one",
     )
+    p.add_argument(
+        "--together",
+        action="store_true",
+        help="run the kinds at the same time, each with its own loadgen, over the same windows "
+        "(with --pin, on the same CPU): the per-window ratio cancels the machine's drift",
+    )
     p.add_argument("--no-mpnet", action="store_true", help="measure the baseline(s) only")
     p.add_argument(
         "--metrics",
@@ -888,6 +1032,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error("--pin needs at least two CPUs")
         args.loadgen_cpu, args.server_cpu = cpus[0], cpus[-1]
     args.kinds, args.skipped = choose_kinds(p, args)
+    if args.together and len(args.kinds) < 2:
+        p.error("--together needs at least two kinds to run together")
     if args.mpnet_cmd:
         args.mpnet_cmd = args.mpnet_cmd.split()
     else:
@@ -895,6 +1041,49 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         found = str(beside) if beside.exists() else shutil.which("mpnet")
         args.mpnet_cmd = [found] if found else [sys.executable, "-m", "mpnet"]
     return args
+
+
+@contextlib.contextmanager
+def running(
+    kind: str, workdir: Path, args: argparse.Namespace, slow_stops: list[str]
+) -> Iterator[Server]:
+    """Start a server of *kind* for the block and stop it by PID afterwards, whatever happens;
+    a slow stop is noted in *slow_stops*, an unexpected exit status printed with its log."""
+    server = start_server(kind, workdir, args)
+    try:
+        yield server
+    finally:
+        took = server.stop()
+        if took > 5:
+            slow_stops.append(f"{kind} took {took:.1f} s to stop after SIGTERM")
+        if server.proc.returncode not in (0, -signal.SIGTERM):
+            print(
+                f"  ! {kind} exited with status {server.proc.returncode}; "
+                f"log ends with:\n{tail(server.log)}"
+            )
+
+
+def run_round(
+    servers: list[Server],
+    rnd: int,
+    args: argparse.Namespace,
+    runs: list[Run],
+    warmup_errors: list[tuple[str, int, dict[str, int]]],
+) -> None:
+    """Warm each server up, then measure every test over *servers* in one window (one server:
+    the normal mode; several: --together), appending to *runs* and printing as it goes."""
+    for server in servers:
+        errs = warm_up(server, args)
+        if errs:
+            warmup_errors.append((server.kind, rnd, errs))
+            print(f"  ! {server.kind} warm-up errors: {fmt_errors(errs)}")
+    for test in TESTS:
+        window = measure(servers, test, rnd, args)
+        runs.extend(window)
+        for run in window:
+            print_run(run)
+        if len(window) > 1:
+            print_window(window)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -916,7 +1105,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.pin
             else ""
         )
+        + (", together: one loadgen per server, all in the same windows" if args.together else "")
     )
+    if args.together and not args.pin:
+        print("note: without --pin the servers may run on different CPUs, whose drift differs")
     if "mpnet" in kinds:
         print(f"mpnet command: {' '.join(args.mpnet_cmd)}")
     for kind in ("node", "prosody"):
@@ -939,33 +1131,29 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         try:
             for rnd in range(1, args.rounds + 1):
-                # Rotate the order so that no kind always runs first (or right after another).
+                # Rotate the order so that no kind always runs first (or right after another);
+                # together, so that no kind's loadgen is always launched first.
                 order = kinds[(rnd - 1) % len(kinds) :] + kinds[: (rnd - 1) % len(kinds)]
-                print(f"round {rnd}/{args.rounds}: {' -> '.join(order)}")
-                for kind in order:
-                    server = start_server(kind, workdir, args)
-                    try:
-                        errs = warm_up(server, args)
-                        if errs:
-                            warmup_errors.append((kind, rnd, errs))
-                            print(f"  ! {kind} warm-up errors: {fmt_errors(errs)}")
-                        for test in TESTS:
-                            run = measure(server, test, rnd, args)
-                            runs.append(run)
-                            print_run(run)
-                    finally:
-                        took = server.stop()
-                        if took > 5:
-                            slow_stops.append(f"{kind} took {took:.1f} s to stop after SIGTERM")
-                        if server.proc.returncode not in (0, -signal.SIGTERM):
-                            print(
-                                f"  ! {kind} exited with status {server.proc.returncode}; "
-                                f"log ends with:\n{tail(server.log)}"
-                            )
+                print(
+                    f"round {rnd}/{args.rounds}: {(' + ' if args.together else ' -> ').join(order)}"
+                    f"{' together' if args.together else ''}, load average "
+                    f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+                )
+                if args.together:
+                    with contextlib.ExitStack() as stack:
+                        servers = [
+                            stack.enter_context(running(kind, workdir, args, slow_stops))
+                            for kind in order
+                        ]
+                        run_round(servers, rnd, args, runs, warmup_errors)
+                else:
+                    for kind in order:
+                        with running(kind, workdir, args, slow_stops) as server:
+                            run_round([server], rnd, args, runs, warmup_errors)
         except (KeyboardInterrupt, Interrupted):
             interrupted = True
             print("\ninterrupted: servers stopped; partial results follow")
-        except (RuntimeError, psutil.Error, OSError, ValueError) as exc:
+        except (RuntimeError, psutil.Error, OSError, ValueError, subprocess.SubprocessError) as exc:
             failure = f"{type(exc).__name__}: {exc}"
             print(f"\n!!! benchmark aborted: {failure}")
 
@@ -984,6 +1172,7 @@ def main(argv: list[str] | None = None) -> int:
                     {
                         "kind": r.kind,
                         "round": r.round,
+                        "together": args.together,
                         "test": r.test,
                         "loadgen": r.result,
                         "server_cpu_s": r.server_cpu,
