@@ -52,9 +52,14 @@ def _child(config: Config, write_fd: int, redis_required: bool) -> None:
             "modules": [module.name for module in loaded.modules],
         }
         if config["shared_backend"] == "redis":
-            from mpnet.workers.redis_shared import probe
+            from mpnet.workers.redis_shared import RedisUnreachable, probe
 
-            result["redis"] = probe(config, redis_required)
+            try:
+                result["redis"] = probe(config)
+            except RedisUnreachable as exc:
+                if redis_required:
+                    raise
+                result["redis_unreachable"] = str(exc)
     except (ModuleError, ConfigError) as exc:
         result = {"ok": False, "error": str(exc)}
     except BaseException as exc:
@@ -122,8 +127,9 @@ def start_check(
 ) -> Check:
     """Fork a checker for *config* and return at once. *child_setup* runs first in the child
     (the master closes its sockets there: a checker must not hold them while it loads).
-    *redis_required* False (a reload): an unreachable Redis is reported, not an error, since
-    workers serve through an outage; only the first start and ``mpnet check`` insist."""
+    *redis_required* False (a reload): an unreachable Redis is reported (the result's
+    ``redis_unreachable``: why), not an error, since workers serve through an outage; only the
+    first start and ``mpnet check`` insist."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:

@@ -292,8 +292,11 @@ class Reloads:
         self._rollback = rollback
         for line in self._ledger.describe():
             log.info("service %s", line)
-        if str(report.get("redis", "")).startswith("unreachable"):
-            log.warning("reload: Redis %s; the new workers serve without it", report["redis"])
+        if report.get("redis_unreachable"):
+            log.warning(
+                "reload: Redis unreachable: %s; the new workers serve without it",
+                report["redis_unreachable"],
+            )
         message = f"reload accepted: starting generation {host.generation}"
         log.info("%s", message)
         for waiter in pending.waiters:

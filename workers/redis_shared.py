@@ -709,11 +709,10 @@ def from_config(config: Config) -> RedisSharedState:
     )
 
 
-def probe(config: Config, required: bool = True) -> str:
+def probe(config: Config) -> str:
     """Connect as a worker would, then disconnect (``mpnet check`` and every start, in the
-    checker process); ConfigError if Redis cannot be used, else a line saying what was found.
-    Not *required* (a reload's checker), unreachable is said in that line, since the new workers
-    serve without Redis and connect when it is back; bad input is still a ConfigError."""
+    checker process); ConfigError if Redis cannot be used (:class:`RedisUnreachable` if it did
+    not answer), else a line saying what was found."""
 
     async def run() -> int:
         state = from_config(config)
@@ -722,11 +721,8 @@ def probe(config: Config, required: bool = True) -> str:
         await state.close()
         return tables
 
-    where = f"{redacted(config['redis_url'])}, prefix {config['redis_prefix']!r}"
-    try:
-        tables = asyncio.run(run())
-    except RedisUnreachable as exc:
-        if required:
-            raise
-        return f"unreachable: {exc}"
-    return f"reachable at {where}, {tables} table(s)"
+    tables = asyncio.run(run())
+    return (
+        f"reachable at {redacted(config['redis_url'])}, prefix {config['redis_prefix']!r}, "
+        f"{tables} table(s)"
+    )
