@@ -86,15 +86,9 @@ def wait_ready(workdir: Path, workers: int, gone: set[int]) -> None:
 
 
 def greet(port: int) -> tuple[socket.socket, int]:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(64)
-        if not chunk:
-            sock.close()
-            raise ConnectionError("closed before the greeting")
-        data += chunk
-    return sock, int(data)
+    """A connection and the pid of the worker that greeted it."""
+    sock, line = bench_echo.greeting(port)
+    return sock, int(line)
 
 
 def one_round(margin: int, workdir: Path, args: argparse.Namespace) -> list[int]:

@@ -126,6 +126,23 @@ def port_accepts(port: int) -> bool:
         return False
 
 
+def greeting(port: int, timeout: float = 10.0) -> tuple[socket.socket, bytes]:
+    """Connect to 127.0.0.1:*port* and read the server's first line (a greeting); the caller
+    closes the socket, which is closed here if the line never comes."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(64)
+            if not chunk:
+                raise ConnectionError("closed before the greeting")
+            data += chunk
+    except BaseException:
+        sock.close()
+        raise
+    return sock, data
+
+
 def tail(path: Path, lines: int = 20) -> str:
     """The last lines of a log file, for error messages."""
     try:
@@ -133,6 +150,11 @@ def tail(path: Path, lines: int = 20) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, for the report: how busy the machine was."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def median(values: list[float]) -> float:
@@ -740,7 +762,7 @@ def summarize(runs: list[Run], kinds: list[str], args: argparse.Namespace) -> No
         f"{args.size}-byte messages, connect = {args.connect_concurrency} concurrent loops, "
         f"{args.seconds} s windows"
         + (", all kinds together in each window" if args.together else "")
-        + f"; load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+        + f"; load average now {load_average()}"
     )
     print("=" * 100)
     header = (
@@ -1098,7 +1120,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_SKIPPED
     print(
         f"bench_echo: kinds {kinds}, {args.rounds} round(s), {args.seconds} s windows, "
-        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}, "
+        f"load average {load_average()}, "
         f"{os.cpu_count()} CPUs"
         + (
             f", loadgen on CPU {args.loadgen_cpu}, servers on CPU {args.server_cpu}"
@@ -1137,7 +1159,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"round {rnd}/{args.rounds}: {(' + ' if args.together else ' -> ').join(order)}"
                     f"{' together' if args.together else ''}, load average "
-                    f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+                    f"{load_average()}"
                 )
                 if args.together:
                     with contextlib.ExitStack() as stack:

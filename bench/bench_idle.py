@@ -51,7 +51,14 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_echo import REFERENCE_KIND, Interrupted, Server, _on_sigterm, start_server
+from bench_echo import (
+    REFERENCE_KIND,
+    Interrupted,
+    Server,
+    _on_sigterm,
+    load_average,
+    start_server,
+)
 
 PER_SOURCE = 10000  # connections per loopback source address (well below the ephemeral range)
 IP_BIND_ADDRESS_NO_PORT = 24
@@ -270,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     kinds = ["mpnet", args.baseline] + ([REFERENCE_KIND] if args.reference else [])
     print(
         f"bench_idle: {args.servers} server process(es) per kind, counts {counts}, "
-        f"load average {' '.join(f'{x:.2f}' for x in psutil.getloadavg())}",
+        f"load average {load_average()}",
         flush=True,
     )
     results: dict[tuple[str, int], list[float]] = {}

@@ -270,31 +270,9 @@ def echo_round(
     """Echo on every instance of *hosts* at once, the connections split evenly."""
     share = max(1, connections // len(hosts))
     before = [tree_cpu(host.proc.pid) for host in hosts], tree_cpu(redis_pid)
-    runs = [
-        subprocess.Popen(
-            [
-                str(loadgen),
-                "echo",
-                "-p",
-                str(host.port),
-                "-c",
-                str(share),
-                "-s",
-                "64",
-                "-d",
-                str(seconds),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for host in hosts
-    ]
-    results = []
-    for run in runs:
-        out, err = run.communicate(timeout=seconds + 60)
-        if run.returncode != 0:
-            sys.exit(f"loadgen failed: {err.decode(errors='replace')}")
-        results.append(json.loads(out))
+    load = ["echo", "-c", str(share), "-s", "64", "-d", str(seconds)]
+    cmds = [[str(loadgen), *load, "-p", str(host.port)] for host in hosts]
+    results = [result for result, _ in bench_echo.run_loadgens(cmds, seconds + 60, None)]
     mpnet_cpu = sum(tree_cpu(host.proc.pid) for host in hosts) - sum(before[0])
     redis_cpu = tree_cpu(redis_pid) - before[1]
     messages = sum(int(r["messages"]) for r in results)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -61,13 +60,8 @@ class Greeting(threading.Thread):
     def run(self) -> None:
         opened = time.monotonic()
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=self.timeout) as s:
-                data = b""
-                while not data.endswith(b"\n"):
-                    chunk = s.recv(64)
-                    if not chunk:
-                        raise ConnectionError("closed before the greeting")
-                    data += chunk
+            sock, _ = bench_echo.greeting(self.port, self.timeout)
+            sock.close()
             self.delay = time.monotonic() - opened
         except OSError as exc:
             self.error = type(exc).__name__
@@ -112,8 +106,7 @@ def one_round(mode: str, workdir: Path, args: argparse.Namespace) -> dict[str, l
     server = start_mpnet(workdir, 1.0 if mode == "on" else 0, args)
     stuck = None
     try:
-        stuck = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-        stuck.recv(64)
+        stuck, _ = bench_echo.greeting(server.port)
         stuck.sendall(f"stall {args.stall}\n".encode())
         assert stuck.recv(64) == b"stalling\n"
         began = time.monotonic()

@@ -238,7 +238,7 @@ class LocalServer:
                         worker.modules.stop_timers()
                 for worker in self.workers:
                     for service in worker.services.values():
-                        for conn in list(service.connections):
+                        for conn in service.connections:  # a snapshot
                             self.loop.call_soon(conn.close, SHUTDOWN_REASON)
                 self.loop.run_until_idle()
                 self.loop.cancel_tasks()

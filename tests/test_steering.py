@@ -20,6 +20,7 @@ import pytest
 from harness import (
     DEADLINE,
     PID_MODULE,
+    Client,
     config,
     run_in_private_netns,
     run_mpnet,
@@ -453,14 +454,9 @@ def test_reload_while_a_worker_is_stalled_keeps_every_connection(mpnet, write_mo
         stalled_sock.close()
 
 
-def _greeted_pid(port: int) -> tuple[socket.socket, int]:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(64)
-        assert chunk, f"closed before the greeting (got {data!r})"
-        data += chunk
-    return sock, int(data)
+def _greeted_pid(port: int) -> tuple[Client, int]:
+    client = Client(port, timeout=DEADLINE)
+    return client, int(client.read_until(b"\n"))
 
 
 @pytest.mark.server
@@ -472,14 +468,14 @@ def test_new_connections_go_mostly_to_the_worker_that_churn_left_lighter(mpnet, 
     path = write_module("pid", PID_MODULE)
     server = mpnet(config([str(path)], workers=2, load_margin=20, log_level="debug"))
     port = server.port("pid")
-    held: dict[int, list[socket.socket]] = {pid: [] for pid in server.worker_pids()}
+    held: dict[int, list[Client]] = {pid: [] for pid in server.worker_pids()}
     try:
         for _ in range(200):
-            sock, pid = _greeted_pid(port)
-            held[pid].append(sock)
+            client, pid = _greeted_pid(port)
+            held[pid].append(client)
         lighter, heavier = sorted(held, key=lambda pid: len(held[pid]))
-        for sock in held[lighter]:
-            sock.close()
+        for client in held[lighter]:
+            client.close()
         held[lighter].clear()
 
         def balancing() -> bool:
@@ -494,12 +490,12 @@ def test_new_connections_go_mostly_to_the_worker_that_churn_left_lighter(mpnet, 
         began = time.monotonic()
         for n in range(200):  # arriving over 2 s, as reconnecting clients would
             time.sleep(max(0.0, began + n / 100 - time.monotonic()))  # pacing, not waiting
-            sock, pid = _greeted_pid(port)
-            held[pid].append(sock)
+            client, pid = _greeted_pid(port)
+            held[pid].append(client)
         _skip_without_steering(server)
         gap = len(held[heavier]) - len(held[lighter])
-        assert abs(gap) <= 50, {pid: len(socks) for pid, socks in held.items()}
+        assert abs(gap) <= 50, {pid: len(clients) for pid, clients in held.items()}
     finally:
-        for socks in held.values():
-            for sock in socks:
-                sock.close()
+        for clients in held.values():
+            for client in clients:
+                client.close()

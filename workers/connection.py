@@ -336,7 +336,7 @@ class Service:
         read_timeout, send_timeout = settings.read_timeout, settings.send_timeout
         header_timeout = settings.ssl_handshake_timeout
         # Without read or send timeouts there is nothing to watch per connection.
-        for conn in list(self.connections) if read_timeout or send_timeout else ():
+        for conn in self.connections if read_timeout or send_timeout else ():  # a snapshot
             if conn._flags & CLOSED:
                 continue
             if not conn._idle_since:  # first sight, or data came since: idle from now

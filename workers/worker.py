@@ -365,13 +365,13 @@ class Worker:
             while self.open_connections() and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
         for service in self.services.values():
-            for conn in list(service.connections):
+            for conn in service.connections:  # a snapshot: closing may remove them
                 conn.close(SHUTDOWN_REASON)
         deadline = time.monotonic() + 1.0
         while self.open_connections() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         for service in self.services.values():
-            for conn in list(service.connections):
+            for conn in service.connections:  # a snapshot: closing may remove them
                 conn.abort(SHUTDOWN_REASON)
         await asyncio.sleep(0)
 
