@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_echo  # the house helpers (Server, free_port, wait_for_port)
+import bench_echo  # the house helpers (launch_mpnet, greeting, free_port, Server)
 
 from mpnet.controlclient import request
 from mpnet.pure.controlproto import StatusRequest

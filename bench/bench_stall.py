@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_echo  # the house helpers (Server, free_port, wait_for_port)
+import bench_echo  # the house helpers (launch_mpnet, greeting, free_port, Server)
 
 STALL_MODULE = """\
 # ruff: noqa: F821
