@@ -50,7 +50,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_echo  # the house helpers (free_port, launch_mpnet, sample_tree)
+import bench_echo  # the house helpers (free_port, launch_mpnet, run_loadgens, sample_tree)
 
 try:
     import uvloop
