@@ -317,18 +317,28 @@ def test_the_endpoint_answers_bad_requests_and_no_scraper_stalls_the_master(serv
     assert http(mport, huge).startswith(b"HTTP/1.1 431 ")
     # Silent scrapers fill every slot: the next one is told so at once, and meanwhile the
     # master serves its workers and the control socket as usual.
-    silent = [
-        socket.create_connection(("127.0.0.1", mport), timeout=10) for _ in range(MAX_CLIENTS)
-    ]
+    silent: list[socket.socket] = []
+
+    def hold_a_slot() -> None:
+        sock = socket.create_connection(("127.0.0.1", mport), timeout=10)
+        silent.append(sock)
+        sock.sendall(b"GET /metr")
+
     try:
-        for sock in silent:
-            sock.sendall(b"GET /metr")
+        for _ in range(MAX_CLIENTS):
+            hold_a_slot()
 
         def refused() -> bool:
             try:  # told at once; a reset if the request came after the answer
-                return http(mport, b"GET /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 503 ")
+                answer = http(mport, b"GET /metrics HTTP/1.1\r\n\r\n")
             except ConnectionResetError:
                 return True
+            if answer.startswith(b"HTTP/1.1 503 "):
+                return True
+            # A slot was free: the master had not yet seen a scraper above (or an earlier
+            # probe) close when the silent ones came, and refused one of them instead.
+            hold_a_slot()
+            return False
 
         wait_for(refused, what="a scrape beyond the limit to be refused")
         Traffic().run(port, 2)  # shared-table increments need the master's loop
