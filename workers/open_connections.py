@@ -72,13 +72,11 @@ class OpenConnections(Generic[T]):
         return self._count
 
     def __iter__(self) -> Iterator[T]:
-        return iter(self.snapshot())
-
-    def snapshot(self) -> list[T]:
-        """The members now, oldest first."""
+        """The members at the time of the call, oldest first (a list walked after it is built,
+        so that visiting one may remove it or others)."""
         members: list[T] = []
         item = self._oldest
         while item is not None:
             members.append(item)
             item = item._newer
-        return members
+        return iter(members)
